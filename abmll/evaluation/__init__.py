@@ -1,0 +1,25 @@
+from abmll.evaluation.evaluate import (
+    evaluate_batches,
+    evaluate_unseen_tasks,
+    predict_option_probs,
+)
+from abmll.evaluation.metrics import (
+    accuracy,
+    brier_score,
+    classification_metrics,
+    expected_calibration_error,
+    negative_log_likelihood,
+    option_probs,
+)
+
+__all__ = [
+    "accuracy",
+    "brier_score",
+    "classification_metrics",
+    "evaluate_batches",
+    "evaluate_unseen_tasks",
+    "expected_calibration_error",
+    "negative_log_likelihood",
+    "option_probs",
+    "predict_option_probs",
+]

@@ -1,0 +1,30 @@
+from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.models.llama3 import (
+    gaussian_lora_llama3_1_8b,
+    gaussian_lora_llama3_2_1b,
+    gaussian_lora_llama3_2_3b,
+    gaussian_lora_llama3_8b,
+    gaussian_lora_qwen2_7b,
+)
+from abmll.models.tiny import (
+    TinyByteTokenizer,
+    gaussian_lora_tiny_llama,
+    lora_tiny_llama,
+    tiny_llama,
+    tiny_tokenizer,
+)
+
+__all__ = [
+    "DEFAULT_LORA_ATTN_MODULES",
+    "TinyByteTokenizer",
+    "add_gaussian_lora",
+    "gaussian_lora_llama3_1_8b",
+    "gaussian_lora_llama3_2_1b",
+    "gaussian_lora_llama3_2_3b",
+    "gaussian_lora_llama3_8b",
+    "gaussian_lora_qwen2_7b",
+    "gaussian_lora_tiny_llama",
+    "lora_tiny_llama",
+    "tiny_llama",
+    "tiny_tokenizer",
+]

@@ -1,0 +1,478 @@
+"""Meta-train LoRA adapters with ABMLL or a baseline, and evaluate few-shot on unseen tasks.
+
+Usage (from any directory, after ``pip install -e .``)::
+
+    tune run abmll_recipe --config tiny/abmll
+    tune run abmll_recipe --config tiny/reptile learner.epsilon=0.3 seed=2
+    tune run abmll_recipe --config llama3_8b/abmll split=cls45 learner.beta=1e-7 \\
+        checkpointer.checkpoint_dir=/tmp/Meta-Llama-3-8B-Instruct/original data.data_dir=...
+    tune run abmll_recipe --config ./my_edited_copy.yaml
+
+``--config`` takes a path, or a short name (``tiny/abmll``) of a YAML file shipped in
+``abmll/configs``. The method is the config's ``learner._component_``
+(``abmll.learners.{ABMLL,Reptile,StructuredLoRA,RegularLoRA,Pretrained}``).
+
+Per epoch: one episode per training task (the learner decides what an episode does), then
+validation on the unseen validation tasks with test-time adaptation. At the end: the test
+tasks are evaluated with the adapters of the best validation epoch, ``results.json`` is
+written, and the adapters are exported in PEFT's format. A checkpoint after every epoch
+(adapters, optimizer states, RNG state, history) lets a stopped run resume where it stopped
+(``resume_from_checkpoint=True``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+from torchtune import config, modules, training, utils
+from torchtune.modules.peft import get_adapter_params
+from torchtune.models.convert_weights import (
+    tune_to_peft_adapter_config,
+    tune_to_peft_adapter_weights,
+)
+
+from abmll.data import TaskSampler, load_split, option_token_ids
+from abmll.evaluation import evaluate_unseen_tasks
+from abmll.modules import gaussian_lora_modules, set_gaussian_mode
+
+log = utils.get_logger("INFO")
+
+CHECKPOINT_FILE = "recipe_state.pt"
+RESULTS_FILE = "results.json"
+KNOWN_LEARNERS = (
+    "abmll.learners.ABMLL",
+    "abmll.learners.Reptile",
+    "abmll.learners.StructuredLoRA",
+    "abmll.learners.RegularLoRA",
+    "abmll.learners.Pretrained",
+)
+# Keys a resumed run may change without changing the trajectory it continues.
+_RESUME_MUTABLE_KEYS = ("epochs", "stop_after_epoch", "resume_from_checkpoint", "overwrite", "metric_logger")
+
+
+class RecipeConfigError(ValueError):
+    """A bad config value or path; reported as one line naming the key."""
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ABMLLRecipe:
+    """Single-device meta-learning recipe. See the module docstring."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self.seed = training.set_seed(seed=cfg.get("seed", 0))
+        self.epochs = int(cfg.get("epochs", 1))
+        if self.epochs < 0:
+            raise RecipeConfigError(f"epochs must be >= 0, got {self.epochs}")
+        self.stop_after_epoch = cfg.get("stop_after_epoch", None)
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        ev = cfg.get("eval", {}) or {}
+        self.eval_every = int(ev.get("every_n_epochs", 1))
+        self.num_samples = int(ev.get("num_samples", 1))
+        self.eval_mode = str(ev.get("mode", "sample"))
+        self.ece_bins = int(ev.get("ece_bins", 15))
+        if self.eval_every < 1:
+            raise RecipeConfigError(f"eval.every_n_epochs must be >= 1, got {self.eval_every}")
+        if self.num_samples < 1:
+            raise RecipeConfigError(f"eval.num_samples must be >= 1, got {self.num_samples}")
+        if self.eval_mode not in ("sample", "mean"):
+            raise RecipeConfigError(f"eval.mode must be 'sample' or 'mean', got {self.eval_mode!r}")
+        if self.ece_bins < 1:
+            raise RecipeConfigError(f"eval.ece_bins must be >= 1, got {self.ece_bins}")
+        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, cfg: DictConfig) -> None:
+        # Everything is validated before anything is written to output_dir.
+        self._resume_state = self._prepare_output_dir(cfg)
+        data = cfg.data
+        self.batch_size = int(data.get("batch_size", 2))
+        if self.batch_size < 1:
+            raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        self.max_eval = data.get("max_eval_examples_per_task", None)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self.split = load_split(
+            str(cfg.split),
+            data.get("data_dir", None),
+            split_file=data.get("split_file", None),
+        )
+        chat = bool(data.get("chat_template", False))
+        self.option_ids = torch.tensor(option_token_ids(self._tokenizer, chat_template=chat))
+        sampler_kw = dict(
+            batch_size=self.batch_size,
+            max_seq_len=int(data.max_seq_len),
+            seed=self.seed,
+            chat_template=chat,
+        )
+        self.train_sampler = TaskSampler(self.split.train, self._tokenizer, **sampler_kw)
+        self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **sampler_kw)
+        self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **sampler_kw)
+
+        self.learner = self._instantiate_learner(cfg.learner)
+        self.model = self._setup_model(cfg)
+        self.learner.setup(self.model, self._device)
+        self.num_support = self.learner.inner_steps
+        log.info(
+            f"{type(self.learner).__name__} on split {self.split.name}: "
+            f"{len(self.split.train)} training, {len(self.split.val)} validation, "
+            f"{len(self.split.test)} test tasks; "
+            f"{sum(p.numel() for p in self.learner.adapter_params.values()):,} adapter parameters"
+        )
+
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._metric_logger = config.instantiate(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.best: Dict[str, Any] = {"epoch": None, "val": None, "adapters": None}
+        if self._resume_state is not None:
+            self._load_state(self._resume_state)
+
+    def _prepare_output_dir(self, cfg: DictConfig) -> Optional[Dict[str, Any]]:
+        """Refuse to overwrite a run unless asked; return the checkpoint to resume from."""
+        ckpt = self.ckpt_dir / CHECKPOINT_FILE
+        results = self.output_dir / RESULTS_FILE
+        resume = bool(cfg.get("resume_from_checkpoint", False))
+        overwrite = bool(cfg.get("overwrite", False))
+        if resume:
+            if ckpt.exists():
+                state = torch.load(ckpt, map_location="cpu", weights_only=False)
+                self._check_resume_config(cfg, state["config"])
+                log.info(f"Resuming from {ckpt} (after epoch {state['epoch']})")
+                return state
+            log.info(f"resume_from_checkpoint=True but {ckpt} does not exist: starting from scratch")
+        elif (ckpt.exists() or results.exists()) and not overwrite:
+            raise RecipeConfigError(
+                f"output_dir {self.output_dir} already holds a run "
+                f"({results if results.exists() else ckpt}); set resume_from_checkpoint=True to "
+                f"continue it, overwrite=True to replace it, or choose another output_dir"
+            )
+        if overwrite:
+            for stale in (ckpt, results):
+                stale.unlink(missing_ok=True)
+        return None
+
+    @staticmethod
+    def _check_resume_config(cfg: DictConfig, saved: Dict[str, Any]) -> None:
+        now = OmegaConf.to_container(cfg, resolve=True)
+        for key in sorted(set(now) | set(saved)):
+            if key in _RESUME_MUTABLE_KEYS:
+                continue
+            if now.get(key) != saved.get(key):
+                raise RecipeConfigError(
+                    f"resume_from_checkpoint: config key '{key}' differs from the checkpointed run "
+                    f"({saved.get(key)!r} there, {now.get(key)!r} now); only "
+                    f"{', '.join(_RESUME_MUTABLE_KEYS)} may change on resume"
+                )
+
+    def _instantiate_learner(self, learner_cfg: DictConfig):
+        component = learner_cfg.get("_component_", None)
+        try:
+            return config.instantiate(learner_cfg)
+        except (ImportError, AttributeError, ValueError) as err:
+            if isinstance(err, ValueError) and "learner." in str(err):
+                raise RecipeConfigError(str(err)) from None
+            raise RecipeConfigError(
+                f"learner._component_: cannot build {component!r} ({err}); "
+                f"known learners: {', '.join(KNOWN_LEARNERS)}"
+            ) from None
+        except Exception as err:  # torchtune wraps import errors in its own type
+            if "learner." in str(err):
+                raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
+            raise RecipeConfigError(
+                f"learner._component_: cannot build {component!r} ({type(err).__name__}); "
+                f"known learners: {', '.join(KNOWN_LEARNERS)}"
+            ) from None
+
+    def _setup_model(self, cfg: DictConfig) -> nn.Module:
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        ckpt_cfg = cfg.get("checkpointer", None)
+        if ckpt_cfg is not None:
+            ckpt_dir = ckpt_cfg.get("checkpoint_dir", None)
+            if ckpt_dir is not None and not Path(ckpt_dir).is_dir():
+                raise RecipeConfigError(
+                    f"checkpointer.checkpoint_dir: {ckpt_dir} is not a directory "
+                    f"(download the weights first, e.g. with `tune download`)"
+                )
+            checkpointer = config.instantiate(ckpt_cfg)
+            state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+            adapter_keys = set(get_adapter_params(model))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            bad_missing = sorted(set(missing) - adapter_keys)
+            if bad_missing or unexpected:
+                raise RecipeConfigError(
+                    f"checkpointer: weights do not fit model._component_ "
+                    f"(missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]})"
+                )
+            del state
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        return model
+
+    # ------------------------------------------------------------------ state
+    def _adapter_state(self) -> Dict[str, torch.Tensor]:
+        return {k: p.detach().cpu().clone() for k, p in self.learner.adapter_params.items()}
+
+    @torch.no_grad()
+    def _load_adapters(self, state: Dict[str, torch.Tensor]) -> None:
+        for k, p in self.learner.adapter_params.items():
+            p.copy_(state[k].to(p.device, p.dtype))
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self._load_adapters(state["adapters"])
+        self.learner.load_state_dict(state["learner"])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = state["history"]
+        self.best = state["best"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Everything needed to continue after ``epoch`` exactly as if never stopped."""
+        state = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "adapters": self._adapter_state(),
+            "learner": self.learner.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        _atomic_torch_save(state, self.ckpt_dir / CHECKPOINT_FILE)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, sampler: TaskSampler, desc: str) -> Dict[str, Any]:
+        set_gaussian_mode(self.model, self.eval_mode)
+        try:
+            return evaluate_unseen_tasks(
+                self.learner,
+                sampler,
+                self.option_ids,
+                num_support=self.num_support,
+                max_eval_examples=self.max_eval,
+                num_samples=self.num_samples if self.eval_mode == "sample" else 1,
+                n_bins=self.ece_bins,
+                desc=desc,
+            )
+        finally:
+            set_gaussian_mode(self.model, "sample")
+
+    def _log_eval(self, prefix: str, result: Dict[str, Any], epoch: int) -> None:
+        metrics = {f"{prefix}/{k}": v for k, v in result["mean"].items()}
+        self._metric_logger.log_dict(metrics, step=self.global_step)
+        log.info(
+            f"epoch {epoch} {prefix}: accuracy {result['mean']['accuracy']:.4f} "
+            f"ece {result['mean']['ece']:.4f} nll {result['mean']['nll']:.4f}"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        n_episodes = self.learner.num_episodes(self.train_sampler)
+        if n_episodes == 0 and self.best["epoch"] is None:
+            # Nothing to train (Pretrained): validate the model as it is, as epoch 0.
+            val = self.evaluate(self.val_sampler, "val epoch 0")
+            self._log_eval("val", val, 0)
+            self.history.append({"epoch": 0, "val": val["mean"]})
+            self.best = {"epoch": 0, "val": val["mean"], "adapters": self._adapter_state()}
+            return
+        for epoch in range(self.start_epoch + 1, self.epochs + 1):
+            self.model.train()
+            sums: Dict[str, float] = {}
+            pbar = tqdm(
+                self.learner.episodes(self.train_sampler, epoch, self.seed),
+                total=n_episodes,
+                desc=f"epoch {epoch}/{self.epochs}",
+            )
+            for episode in pbar:
+                t0 = time.perf_counter()
+                metrics = self.learner.train_episode(episode)
+                metrics["tokens_per_second"] = episode.num_tokens / (time.perf_counter() - t0)
+                self.global_step += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if self.global_step % self.log_every == 0:
+                    if self._device.type == "cuda":
+                        metrics.update(training.get_memory_stats(device=self._device))
+                    self._metric_logger.log_dict(
+                        {f"train/{k}": v for k, v in metrics.items()}, step=self.global_step
+                    )
+                pbar.set_postfix(nll=f"{metrics.get('inner_nll', float('nan')):.3f}")
+            record: Dict[str, Any] = {
+                "epoch": epoch,
+                "train": {k: v / max(n_episodes, 1) for k, v in sums.items()},
+            }
+            if epoch % self.eval_every == 0 or epoch == self.epochs:
+                val = self.evaluate(self.val_sampler, f"val epoch {epoch}")
+                self._log_eval("val", val, epoch)
+                record["val"] = val["mean"]
+                if self.best["epoch"] is None or val["mean"]["accuracy"] > self.best["val"]["accuracy"]:
+                    self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
+            self.history.append(record)
+            self.save_checkpoint(epoch)
+            if self.stop_after_epoch is not None and epoch >= int(self.stop_after_epoch):
+                log.info(f"stop_after_epoch={self.stop_after_epoch}: stopping; resume with resume_from_checkpoint=True")
+                self.stopped_early = True
+                return
+        if self.best["epoch"] is None:  # epochs == 0
+            val = self.evaluate(self.val_sampler, "val epoch 0")
+            self.best = {"epoch": 0, "val": val["mean"], "adapters": self._adapter_state()}
+
+    # ------------------------------------------------------------------ test and report
+    def finish(self) -> Optional[Dict[str, Any]]:
+        if getattr(self, "stopped_early", False):
+            return None
+        final_adapters = self._adapter_state()
+        self._load_adapters(self.best["adapters"])
+        test = self.evaluate(self.test_sampler, "test")
+        self._log_eval("test", test, self.best["epoch"])
+        if self.learner.adapter_kind is not None:
+            self._export_peft(self.output_dir / "adapter_best")
+            self._load_adapters(final_adapters)
+            self._export_peft(self.output_dir / "adapter_final")
+        results = {
+            "method": type(self.learner).__name__,
+            "learner": self.cfg.learner.get("_component_"),
+            "split": self.split.name,
+            "seed": self.seed,
+            "best_epoch": self.best["epoch"],
+            "epochs": self.epochs,
+            "val_at_best": self.best["val"],
+            "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
+            "history": self.history,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "finished": True,
+        }
+        _atomic_write_text(json.dumps(results, indent=2), self.output_dir / RESULTS_FILE)
+        log.info(
+            f"test (best epoch {self.best['epoch']}): accuracy {test['mean']['accuracy']:.4f} "
+            f"ece {test['mean']['ece']:.4f}; wrote {self.output_dir / RESULTS_FILE}"
+        )
+        return results
+
+    def _export_peft(self, out_dir: Path) -> None:
+        """The (global mean) adapter as a PEFT LoRA: adapter_config.json + adapter_model.safetensors."""
+        from safetensors.torch import save_file
+
+        attn = next(m for m in self.model.modules() if isinstance(m, modules.MultiHeadAttention))
+        adapter = self.learner.export_adapter()
+        layer = next(
+            (m for m in self.model.modules() if hasattr(m, "rank") and hasattr(m, "alpha")), None
+        )
+        targets = sorted({k.split(".")[-3] for k in adapter})
+        weights = tune_to_peft_adapter_weights(
+            adapter,
+            num_heads=attn.num_heads,
+            num_kv_heads=attn.num_kv_heads,
+            dim=attn.embed_dim,
+            head_dim=attn.head_dim,
+        )
+        adapter_config = tune_to_peft_adapter_config(
+            {"r": layer.rank, "lora_alpha": layer.alpha, "target_modules": targets},
+            base_model_name_or_path=self.cfg.get("base_model_name_or_path", None),
+        )
+        adapter_config.update({"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none"})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "adapter_model.safetensors"))
+        _atomic_write_text(json.dumps(adapter_config, indent=2), out_dir / "adapter_config.json")
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+        del self.model
+        gc.collect()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _is_finished(cfg: DictConfig) -> bool:
+    return (Path(cfg.output_dir) / RESULTS_FILE).exists() and bool(cfg.get("resume_from_checkpoint", False))
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    if _is_finished(cfg):
+        log.info(f"{Path(cfg.output_dir) / RESULTS_FILE} exists: this run has finished, nothing to do")
+        return
+    try:
+        recipe = ABMLLRecipe(cfg=cfg)
+        recipe.setup(cfg=cfg)
+    except (RecipeConfigError, ValueError, FileNotFoundError) as err:
+        print(f"abmll_recipe: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    recipe.train()
+    recipe.finish()
+    recipe.cleanup()
+
+
+def _resolve_config_arg(argv: List[str]) -> List[str]:
+    """Map ``--config tiny/abmll`` to the YAML shipped in ``abmll/configs`` unless it is a path."""
+    from importlib.resources import files
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config" and i + 1 < len(argv):
+            idx, value = i + 1, argv[i + 1]
+        elif arg.startswith("--config="):
+            idx, value = i, arg.split("=", 1)[1]
+        if value is None or Path(value).is_file():
+            continue
+        name = value[:-5] if value.endswith(".yaml") else value
+        packaged = files("abmll.configs").joinpath(f"{name}.yaml")
+        if packaged.is_file():
+            resolved = str(packaged)
+        else:
+            available = sorted(
+                f"{d.name}/{f.name[:-5]}"
+                for d in files("abmll.configs").iterdir()
+                if d.is_dir() and not d.name.startswith("_")
+                for f in d.iterdir()
+                if f.name.endswith(".yaml")
+            )
+            print(
+                f"abmll_recipe: error: --config {value}: no such file, and not a packaged config "
+                f"({', '.join(available)})",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        argv[idx] = resolved if arg == "--config" else f"--config={resolved}"
+    return argv
+
+
+if __name__ == "__main__":
+    sys.argv = _resolve_config_arg(sys.argv)
+    sys.exit(recipe_main())
