@@ -76,6 +76,28 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _instantiate(node: DictConfig, key: str, hint: str = ""):
+    """``config.instantiate`` with one-line errors that name the config key."""
+    if not isinstance(node, DictConfig) or "_component_" not in node:
+        raise RecipeConfigError(f"{key}: expected a mapping with a _component_, got {node!r}")
+    component = node.get("_component_")
+    try:
+        return config.instantiate(node)
+    except RecipeConfigError:
+        raise
+    except ValueError as err:
+        # Our components name their own key ("learner.beta must be ..."); keep their words.
+        raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
+    except Exception as err:
+        # torchtune wraps import errors in InstantiationError; the cause says what failed.
+        cause = err.__cause__ or err.__context__ or err
+        raise RecipeConfigError(
+            f"{key}._component_: cannot build {component!r} ({type(cause).__name__}: "
+            f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
+            + (f"; {hint}" if hint else "")
+        ) from None
+
+
 class ABMLLRecipe:
     """Single-device meta-learning recipe. See the module docstring."""
 
@@ -114,7 +136,7 @@ class ABMLLRecipe:
         if self.batch_size < 1:
             raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         self.max_eval = data.get("max_eval_examples_per_task", None)
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
         self.split = load_split(
             str(cfg.split),
             data.get("data_dir", None),
@@ -192,27 +214,11 @@ class ABMLLRecipe:
                 )
 
     def _instantiate_learner(self, learner_cfg: DictConfig):
-        component = learner_cfg.get("_component_", None)
-        try:
-            return config.instantiate(learner_cfg)
-        except (ImportError, AttributeError, ValueError) as err:
-            if isinstance(err, ValueError) and "learner." in str(err):
-                raise RecipeConfigError(str(err)) from None
-            raise RecipeConfigError(
-                f"learner._component_: cannot build {component!r} ({err}); "
-                f"known learners: {', '.join(KNOWN_LEARNERS)}"
-            ) from None
-        except Exception as err:  # torchtune wraps import errors in its own type
-            if "learner." in str(err):
-                raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
-            raise RecipeConfigError(
-                f"learner._component_: cannot build {component!r} ({type(err).__name__}); "
-                f"known learners: {', '.join(KNOWN_LEARNERS)}"
-            ) from None
+        return _instantiate(learner_cfg, "learner", f"known learners: {', '.join(KNOWN_LEARNERS)}")
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg.model)
+            model = _instantiate(cfg.model, "model")
         ckpt_cfg = cfg.get("checkpointer", None)
         if ckpt_cfg is not None:
             ckpt_dir = ckpt_cfg.get("checkpoint_dir", None)
@@ -221,7 +227,7 @@ class ABMLLRecipe:
                     f"checkpointer.checkpoint_dir: {ckpt_dir} is not a directory "
                     f"(download the weights first, e.g. with `tune download`)"
                 )
-            checkpointer = config.instantiate(ckpt_cfg)
+            checkpointer = _instantiate(ckpt_cfg, "checkpointer")
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
             adapter_keys = set(get_adapter_params(model))
             missing, unexpected = model.load_state_dict(state, strict=False)

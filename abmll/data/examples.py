@@ -1,0 +1,45 @@
+"""Core data types: one multiple-choice example and one split of tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["MCExample", "SplitTasks"]
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice example (MetaICL fields).
+
+    ``options`` holds 2-4 answer strings (lists are converted to tuples);
+    ``output`` must be one of them. ``label`` is the index of ``output``.
+    """
+
+    task: str
+    input: str
+    options: tuple[str, ...]
+    output: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, tuple):
+            object.__setattr__(self, "options", tuple(self.options))
+        if self.output not in self.options:
+            raise ValueError(
+                f"task {self.task!r}: output {self.output!r} is not among options {list(self.options)}"
+            )
+
+    @property
+    def label(self) -> int:
+        return self.options.index(self.output)
+
+
+@dataclass
+class SplitTasks:
+    """Tasks of one split: meta-training tasks, and unseen tasks' validation / test examples."""
+
+    name: str
+    train: dict[str, list[MCExample]]
+    val: dict[str, list[MCExample]]
+    test: dict[str, list[MCExample]]
+    # Per-file load report (filled for on-disk splits; empty for the built-in tiny split).
+    report: list = field(default_factory=list, repr=False)

@@ -1,0 +1,187 @@
+"""Which parameters each learner moves, and the updates against hand computations."""
+
+import copy
+
+import pytest
+import torch
+from torchtune.modules.peft import get_adapter_params
+
+from abmll.data import TaskSampler, load_split
+from abmll.learners import ABMLL, Pretrained, RegularLoRA, Reptile, StructuredLoRA
+from abmll.models import gaussian_lora_tiny_llama, lora_tiny_llama, tiny_tokenizer
+from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
+from abmll.objectives import answer_nll
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    split = load_split("tiny")
+    return TaskSampler(split.train, tiny_tokenizer(), batch_size=2, max_seq_len=256, seed=0)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def _changed(before, params):
+    return [not torch.equal(b, p) for b, p in zip(before, params)]
+
+
+def _frozen(model):
+    adapter = set(get_adapter_params(model))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in adapter}
+
+
+def _abmll_setup(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = gaussian_lora_tiny_llama()
+    learner = ABMLL(inner_lr=1e-2, outer_lr=1e-2, beta=1e-3, **kw)
+    learner.setup(model, torch.device("cpu"))
+    return model, learner
+
+
+def test_abmll_inner_loop_moves_only_phi_and_outer_only_theta(sampler, monkeypatch):
+    model, learner = _abmll_setup()
+    episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
+    theta0, phi0 = _snapshot(learner.theta), _snapshot(learner.phi)
+
+    # Stop right after the inner loop by intercepting the outer optimizer's step.
+    seen = {}
+
+    def outer_step(*a, **k):
+        seen["theta_before_outer"] = _snapshot(learner.theta)
+        seen["phi_after_inner"] = _snapshot(learner.phi)
+        seen["theta_grads"] = [p.grad is not None for p in learner.theta]
+        seen["phi_grads"] = [p.grad is not None for p in learner.phi]
+        return real_step(*a, **k)
+
+    real_step = learner.outer_optimizer.step
+    monkeypatch.setattr(learner.outer_optimizer, "step", outer_step)
+    learner.train_episode(episode)
+
+    # inner loop: theta untouched, phi moved
+    assert not any(_changed(theta0, seen["theta_before_outer"]))
+    assert any(_changed(phi0, seen["phi_after_inner"]))
+    # outer step: gradients only on theta
+    assert all(seen["theta_grads"]) and not any(seen["phi_grads"])
+    # outer step moved theta; afterwards phi == theta, all four matrices of every layer
+    assert any(_changed(seen["theta_before_outer"], learner.theta))
+    for _, layer in gaussian_lora_modules(model):
+        for src, dst in (("mu_theta", "mu_phi"), ("lv_theta", "lv_phi")):
+            for s, d in zip(layer.factors(src), layer.factors(dst)):
+                assert torch.equal(s, d)
+
+
+def test_abmll_theta_gets_no_gradient_from_the_nll(sampler):
+    """With beta = 0 only the NLL is left, and it does not reach theta."""
+    model, learner = _abmll_setup(seed=1)
+    learner.beta = 0.0
+    episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
+    theta0 = _snapshot(learner.theta)
+    learner.train_episode(episode)
+    assert not any(_changed(theta0, learner.theta))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (gaussian_lora_tiny_llama(), ABMLL(inner_lr=1e-2, outer_lr=1e-2)),
+        lambda: (lora_tiny_llama(), Reptile(lr=1e-2)),
+        lambda: (lora_tiny_llama(), StructuredLoRA(lr=1e-2)),
+        lambda: (lora_tiny_llama(), RegularLoRA(lr=1e-2)),
+    ],
+    ids=["abmll", "reptile", "structured", "regular"],
+)
+def test_frozen_weights_never_change(sampler, make):
+    torch.manual_seed(0)
+    model, learner = make()
+    learner.setup(model, torch.device("cpu"))
+    before = _frozen(model)
+    adapters0 = _snapshot(learner.adapter_params.values())
+    episodes = list(learner.episodes(sampler, epoch=1, seed=0))[:2]
+    for ep in episodes:
+        learner.train_episode(ep)
+    support, _ = sampler.adaptation_split(sampler.task_names[0], 2, 4)
+    with learner.adapted(support):
+        pass
+    after = _frozen(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(_changed(adapters0, learner.adapter_params.values()))
+
+
+def _hand_adamw_steps(model, batches, lr):
+    """K plain AdamW steps on a copy's LoRA adapters: the inner loop written out."""
+    params = list(get_adapter_params(model).values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for b in batches:
+        loss = answer_nll(model(b["tokens"]), b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in get_adapter_params(model).items()}
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 0.3, 1.0])
+def test_reptile_update_matches_hand_computation(sampler, epsilon):
+    torch.manual_seed(0)
+    model = lora_tiny_llama()
+    learner = Reptile(lr=1e-2, epsilon=epsilon)
+    learner.setup(model, torch.device("cpu"))
+    # make B non-zero so that every adapter matrix moves
+    with torch.no_grad():
+        for p in learner.adapter_params.values():
+            p.add_(0.01 * torch.randn_like(p))
+    episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
+    theta = {k: v.detach().clone() for k, v in learner.adapter_params.items()}
+    phi = _hand_adamw_steps(copy.deepcopy(model), episode.support, 1e-2)
+
+    learner.train_episode(episode)
+    for k, p in learner.adapter_params.items():
+        expected = theta[k] + epsilon * (phi[k] - theta[k])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_test_time_adaptation_restores_adapters(sampler):
+    model, learner = _abmll_setup()
+    before = _snapshot(learner.adapter_params.values())
+    theta0, phi0 = _snapshot(learner.theta), _snapshot(learner.phi)
+    support, _ = sampler.adaptation_split(sampler.task_names[0], 3, 4)
+    with learner.adapted(support):
+        # only phi adapts at test time
+        assert any(_changed(phi0, learner.phi))
+        assert not any(_changed(theta0, learner.theta))
+    assert not any(_changed(before, learner.adapter_params.values()))
+
+
+def test_pretrained_has_no_episodes_and_does_not_adapt(sampler):
+    model = lora_tiny_llama()
+    learner = Pretrained()
+    learner.setup(model, torch.device("cpu"))
+    assert list(learner.episodes(sampler, 1, 0)) == []
+    before = _snapshot(learner.adapter_params.values())
+    support, _ = sampler.adaptation_split(sampler.task_names[0], 2, 4)
+    with learner.adapted(support):
+        assert not any(_changed(before, learner.adapter_params.values()))
+
+
+def test_learner_rejects_a_model_of_the_wrong_kind():
+    with pytest.raises(ValueError, match="GaussianLoRALinear"):
+        ABMLL().setup(lora_tiny_llama(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="LoRALinear"):
+        Reptile().setup(gaussian_lora_tiny_llama(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "make,key",
+    [
+        (lambda: ABMLL(beta=-1.0), "learner.beta"),
+        (lambda: ABMLL(inner_steps=0), "learner.inner_steps"),
+        (lambda: ABMLL(b0=0.0), "learner.b0"),
+        (lambda: Reptile(epsilon=1.5), "learner.epsilon"),
+        (lambda: RegularLoRA(lr=-1e-5), "learner.lr"),
+    ],
+)
+def test_nonsense_hyperparameters_name_their_key(make, key):
+    with pytest.raises(ValueError, match=key):
+        make()

@@ -1,0 +1,134 @@
+"""`tune run abmll_recipe` end to end on the tiny configs, as a user runs it."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+METHODS = ["abmll", "reptile", "structured_lora", "regular_lora", "pretrained"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _results(out: Path):
+    return json.loads((out / "results.json").read_text())
+
+
+def _numbers(res):
+    """Everything in a results.json that must repeat exactly (wall-clock speed need not)."""
+    history = [
+        {**h, "train": {k: v for k, v in h.get("train", {}).items() if k != "tokens_per_second"}}
+        for h in res["history"]
+    ]
+    return {"test": res["test"], "history": history, "best_epoch": res["best_epoch"]}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_runs_end_to_end(run_recipe, tmp_path, method):
+    out = tmp_path / method
+    _ok(run_recipe("--config", f"tiny/{method}", f"output_dir={out}", "epochs=1"))
+    res = _results(out)
+    assert res["finished"] and res["split"] == "tiny" and res["seed"] == 0
+    mean = res["test"]["mean"]
+    assert set(mean) >= {"accuracy", "ece", "nll", "brier"}
+    assert 0.0 <= mean["accuracy"] <= 1.0 and 0.0 <= mean["ece"] <= 1.0
+    assert len(res["test"]["per_task"]) == 3
+    assert res["best_epoch"] == (0 if method == "pretrained" else 1)
+    assert res["history"][-1]["val"]["accuracy"] == res["val_at_best"]["accuracy"]
+    logs = list((out / "logs").glob("log_*.txt"))
+    assert logs and "val/accuracy" in logs[0].read_text()
+    if method != "pretrained":
+        assert "train/inner_nll" in logs[0].read_text()
+        cfg = json.loads((out / "adapter_best" / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+        assert sorted(cfg["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
+        weights = load_file(out / "adapter_final" / "adapter_model.safetensors")
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        assert weights[key].shape == (8, 64)
+        assert len(weights) == 2 * 3 * 2  # 2 layers x 3 projections x (A, B)
+
+
+def test_abmll_logs_every_objective_term(run_recipe, tmp_path):
+    out = tmp_path / "a"
+    _ok(run_recipe("--config", "tiny/abmll", f"output_dir={out}", "epochs=1"))
+    text = next((out / "logs").glob("log_*.txt")).read_text()
+    for key in ("train/inner_nll", "train/inner_kl", "train/query_nll", "train/outer_kl",
+                "train/neg_log_prior", "train/lr_inner", "train/tokens_per_second", "val/ece"):
+        assert key in text, key
+
+
+def test_same_seed_same_numbers_and_resume_matches_uninterrupted(run_recipe, tmp_path):
+    full, again, stopped = tmp_path / "full", tmp_path / "again", tmp_path / "stopped"
+    args = ["--config", "tiny/abmll", "epochs=3"]
+    _ok(run_recipe(*args, f"output_dir={full}"))
+    _ok(run_recipe(*args, f"output_dir={again}"))
+    _ok(run_recipe(*args, f"output_dir={stopped}", "stop_after_epoch=1"))
+    assert not (stopped / "results.json").exists()
+    assert (stopped / "checkpoints" / "recipe_state.pt").exists()
+    _ok(run_recipe(*args, f"output_dir={stopped}", "resume_from_checkpoint=True"))
+
+    a, b, c = (_numbers(_results(d)) for d in (full, again, stopped))
+    assert a == b
+    assert c == a
+
+
+def test_a_finished_run_is_not_overwritten(run_recipe, tmp_path):
+    out = tmp_path / "run"
+    _ok(run_recipe("--config", "tiny/pretrained", f"output_dir={out}"))
+    before = (out / "results.json").read_text()
+    proc = run_recipe("--config", "tiny/pretrained", f"output_dir={out}", "seed=5")
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "overwrite=True" in proc.stderr
+    assert (out / "results.json").read_text() == before
+
+
+def test_resume_refuses_a_changed_config(run_recipe, tmp_path):
+    out = tmp_path / "run"
+    _ok(run_recipe("--config", "tiny/abmll", f"output_dir={out}", "epochs=2", "stop_after_epoch=1"))
+    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", "epochs=2",
+                      "resume_from_checkpoint=True", "learner.beta=0.5")
+    assert proc.returncode == 2 and "'learner'" in proc.stderr
+
+
+def test_a_config_file_path_and_a_short_name_both_work(run_recipe, tmp_path):
+    from importlib.resources import files
+
+    mine = tmp_path / "my_edited_copy.yaml"
+    text = files("abmll.configs").joinpath("tiny/pretrained.yaml").read_text()
+    mine.write_text(text.replace("max_eval_examples_per_task: 16", "max_eval_examples_per_task: 4"))
+    _ok(run_recipe("--config", "./my_edited_copy.yaml", "output_dir=out"))
+    res = _results(tmp_path / "out")
+    assert all(m["n"] == 4 for m in res["test"]["per_task"].values())
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("learner._component_=abmll.learners.NoSuchMethod", "learner._component_"),
+        ("split=no_such_split", "split"),
+        ("learner.beta=-1", "learner.beta"),
+        ("split=cls45", "data.data_dir"),
+        ("data.data_dir=/no/such/dir", "/no/such/dir"),
+        ("checkpointer._component_=torchtune.training.FullModelMetaCheckpointer", "checkpointer.checkpoint_dir"),
+        ("model._component_=abmll.models.no_such_model", "model._component_"),
+        ("eval.num_samples=0", "eval.num_samples"),
+    ],
+)
+def test_bad_config_gives_one_clear_error(run_recipe, tmp_path, override, needle):
+    out = tmp_path / "bad"
+    extra = ["checkpointer.checkpoint_dir=/no/such/ckpt"] if override.startswith("checkpointer") else []
+    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", override, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("abmll_recipe: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_unknown_config_name_lists_the_packaged_ones(run_recipe):
+    proc = run_recipe("--config", "tiny/nope")
+    assert proc.returncode == 2 and "tiny/abmll" in proc.stderr
