@@ -41,6 +41,35 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def final_hidden_states(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Run a torchtune ``TransformerDecoder`` up to its final norm, skipping the output
+    projection (the vocabulary-sized matmul is then applied only where it is needed)."""
+    # A plain function in the instance dict shadows TransformerDecoder.unembed (a module
+    # would be registered as a child instead, and not shadow it).
+    model.unembed = lambda h: model.norm(h)
+    try:
+        return model(tokens)
+    finally:
+        del model.unembed
+
+
+def logits_at(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Float32 next-token logits at positions ``(rows[i], cols[i])`` of ``hidden``."""
+    return model.output(hidden[rows, cols]).float()
+
+
+def model_answer_nll(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``answer_nll(model(tokens), labels)`` without the full [B, T, vocab] logits.
+
+    Only the positions that predict an answer token go through the output projection,
+    which saves most of its compute and memory (a 128k vocabulary on Llama3).
+    """
+    targets = labels[:, 1:]
+    rows, cols = (targets != CROSS_ENTROPY_IGNORE_IDX).nonzero(as_tuple=True)
+    hidden = final_hidden_states(model, tokens)
+    return F.cross_entropy(logits_at(model, hidden, rows, cols), targets[rows, cols])
+
+
 def gaussian_kl(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
 ) -> torch.Tensor:

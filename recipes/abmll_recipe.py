@@ -42,7 +42,7 @@ from torchtune.models.convert_weights import (
 )
 
 from abmll.data import TaskSampler, load_split, option_token_ids
-from abmll.evaluation import evaluate_unseen_tasks
+from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
 from abmll.modules import gaussian_lora_modules, set_gaussian_mode
 
 log = utils.get_logger("INFO")
@@ -124,6 +124,9 @@ class ABMLLRecipe:
             raise RecipeConfigError(f"eval.mode must be 'sample' or 'mean', got {self.eval_mode!r}")
         if self.ece_bins < 1:
             raise RecipeConfigError(f"eval.ece_bins must be >= 1, got {self.ece_bins}")
+        self.prune_fractions = [float(f) for f in (ev.get("prune_fractions", None) or [])]
+        for f in self.prune_fractions:
+            num_pruned(f, 1)  # validates the range, naming the key
         self.log_every = int(cfg.get("log_every_n_steps", 1))
         self.cfg = cfg
 
@@ -137,9 +140,10 @@ class ABMLLRecipe:
             raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         self.max_eval = data.get("max_eval_examples_per_task", None)
         self._tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
+        data_dir = data.get("data_dir", None)
         self.split = load_split(
             str(cfg.split),
-            data.get("data_dir", None),
+            os.path.expanduser(str(data_dir)) if data_dir is not None else None,
             split_file=data.get("split_file", None),
         )
         chat = bool(data.get("chat_template", False))
@@ -366,6 +370,13 @@ class ABMLLRecipe:
         self._load_adapters(self.best["adapters"])
         test = self.evaluate(self.test_sampler, "test")
         self._log_eval("test", test, self.best["epoch"])
+        pruning = {}
+        for fraction in self.prune_fractions:
+            # The whole test evaluation (adaptation and prediction) runs on the pruned model.
+            with prune_hidden_units(self.model, fraction):
+                pruned = self.evaluate(self.test_sampler, f"test pruned {fraction:g}")
+            pruning[f"{fraction:g}"] = pruned["mean"]
+            self._log_eval(f"test_pruned_{fraction:g}", pruned, self.best["epoch"])
         if self.learner.adapter_kind is not None:
             self._export_peft(self.output_dir / "adapter_best")
             self._load_adapters(final_adapters)
@@ -379,6 +390,7 @@ class ABMLLRecipe:
             "epochs": self.epochs,
             "val_at_best": self.best["val"],
             "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
+            "pruning": pruning,
             "history": self.history,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "finished": True,

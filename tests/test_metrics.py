@@ -78,3 +78,34 @@ def test_option_probs_restricts_to_letters_and_masks_missing_options():
     e = math.e
     torch.testing.assert_close(p[0], torch.tensor([e, 1, 1, 1]) / (e + 3))
     torch.testing.assert_close(p[1], torch.tensor([e / (e + 1), 1 / (e + 1), 0, 0]))
+
+
+def test_pruning_zeroes_the_smallest_units_of_every_block_output():
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    from abmll.evaluation import num_pruned, prune_hidden_units
+    from abmll.models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    blocks = [m for m in model.modules() if isinstance(m, TransformerSelfAttentionLayer)]
+    tokens = torch.randint(0, 256, (2, 9))
+    seen = []
+    with torch.no_grad():
+        plain = model(tokens)
+        with prune_hidden_units(model, 0.1):
+            # registered after the pruning hooks, so these see the pruned outputs
+            hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.detach())) for b in blocks]
+            pruned = model(tokens)
+            for h in hooks:
+                h.remove()
+        after = model(tokens)
+    k = num_pruned(0.1, 64)
+    assert k == 7 and len(seen) == 2
+    for out in seen:
+        assert torch.all((out == 0).sum(-1) == k)
+    assert not torch.allclose(plain, pruned)
+    torch.testing.assert_close(plain, after)  # hooks removed
+    with pytest.raises(ValueError, match="prune_fractions"):
+        with prune_hidden_units(model, 1.5):
+            pass

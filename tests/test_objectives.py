@@ -102,3 +102,26 @@ def test_answer_nll_uses_only_answer_tokens_and_shifts_by_one():
         torch.log_softmax(logits[0, 2], -1)[4] + torch.log_softmax(logits[1, 3], -1)[9]
     ) / 2
     torch.testing.assert_close(answer_nll(logits, labels), ref)
+
+
+@pytest.mark.parametrize("builder", ["tiny_llama", "smollm2_shape"])
+def test_model_answer_nll_equals_full_logits_nll(builder):
+    from abmll.models import tiny_llama
+    from abmll.objectives import model_answer_nll
+
+    torch.manual_seed(0)
+    if builder == "tiny_llama":
+        model = tiny_llama()
+    else:  # tied embeddings (TiedLinear output), as SmolLM2 and Llama3.2
+        from torchtune.models.llama3_2._component_builders import llama3_2
+
+        model = llama3_2(vocab_size=300, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                         max_seq_len=64, intermediate_dim=64, scale_factor=1)
+    tokens = torch.randint(0, 256, (3, 10))
+    labels = torch.full((3, 10), -100)
+    labels[0, 9], labels[1, 4], labels[2, 6], labels[2, 7] = 5, 7, 9, 11
+    full = answer_nll(model(tokens), labels)
+    torch.testing.assert_close(model_answer_nll(model, tokens, labels), full)
+    # the model is left as it was
+    assert "unembed" not in vars(model)
+    assert model(tokens).shape[-1] in (264, 300)

@@ -3,6 +3,7 @@ from abmll.evaluation.evaluate import (
     evaluate_unseen_tasks,
     predict_option_probs,
 )
+from abmll.evaluation.pruning import num_pruned, prune_hidden_units
 from abmll.evaluation.metrics import (
     accuracy,
     brier_score,
@@ -22,4 +23,6 @@ __all__ = [
     "negative_log_likelihood",
     "option_probs",
     "predict_option_probs",
+    "num_pruned",
+    "prune_hidden_units",
 ]

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from abmll.evaluation.metrics import classification_metrics, option_probs
+from abmll.objectives import final_hidden_states, logits_at
 
 Batch = Dict[str, torch.Tensor]
 METRICS = ("accuracy", "ece", "nll", "brier")
@@ -32,8 +33,8 @@ def predict_option_probs(
     before_answer = batch["answer_pos"].to(device) - 1
     total = None
     for _ in range(num_samples):
-        logits = model(tokens)
-        probs = option_probs(logits[rows, before_answer], option_ids, batch["num_options"])
+        answer_logits = logits_at(model, final_hidden_states(model, tokens), rows, before_answer)
+        probs = option_probs(answer_logits, option_ids, batch["num_options"])
         total = probs if total is None else total + probs
     return (total / num_samples).cpu()
 

@@ -18,7 +18,7 @@ from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
 from abmll.modules import GaussianLoRALinear
-from abmll.objectives import answer_nll
+from abmll.objectives import model_answer_nll
 
 Batch = Dict[str, torch.Tensor]
 
@@ -117,7 +117,7 @@ class Learner:
     def nll(self, batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)
         labels = batch["labels"].to(self.device)
-        return answer_nll(self.model(tokens), labels)
+        return model_answer_nll(self.model, tokens, labels)
 
     def _sgd_steps(self, optimizer, batches: List[Batch], loss_fn) -> List[Dict[str, float]]:
         logs = []

@@ -6,6 +6,14 @@ from abmll.models.llama3 import (
     gaussian_lora_llama3_8b,
     gaussian_lora_qwen2_7b,
 )
+from abmll.models.smollm2 import (
+    SmolLM2Checkpointer,
+    SmolLM2Tokenizer,
+    gaussian_lora_smollm2_135m,
+    lora_smollm2_135m,
+    smollm2_135m,
+    smollm2_tokenizer,
+)
 from abmll.models.tiny import (
     TinyByteTokenizer,
     gaussian_lora_tiny_llama,
@@ -15,6 +23,12 @@ from abmll.models.tiny import (
 )
 
 __all__ = [
+    "SmolLM2Checkpointer",
+    "SmolLM2Tokenizer",
+    "gaussian_lora_smollm2_135m",
+    "lora_smollm2_135m",
+    "smollm2_135m",
+    "smollm2_tokenizer",
     "DEFAULT_LORA_ATTN_MODULES",
     "TinyByteTokenizer",
     "add_gaussian_lora",

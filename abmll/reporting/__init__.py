@@ -1,0 +1,32 @@
+"""Reproduce the paper's tables from ``results.json`` files: load, aggregate over seeds, tabulate.
+
+* :mod:`abmll.reporting.results` — find and load runs, report unusable ones.
+* :mod:`abmll.reporting.stats` — mean ± SE, Welch's t-test (pure Python), moving average.
+* :mod:`abmll.reporting.tables` — Tables 1-3 (Markdown, CSV, LaTeX).
+* :mod:`abmll.reporting.figure2` — Figure 2 (CSV; PNG with the optional ``plot`` extra).
+* :mod:`abmll.reporting.aggregate` — ``scripts/aggregate.py``.
+* :mod:`abmll.reporting.sweep` — ``scripts/reproduce_*.py``: profiles and the resumable runner.
+* :mod:`abmll.reporting.memory` — ``scripts/benchmark_memory.py``.
+"""
+
+from .results import Problem, ResultSet, RunResult, load_results
+from .stats import Summary, betainc, moving_average, student_t_sf, summarize, welch_t_test
+from .tables import Table, mark_best, table1, table2, table3
+
+__all__ = [
+    "Problem",
+    "ResultSet",
+    "RunResult",
+    "load_results",
+    "Summary",
+    "betainc",
+    "moving_average",
+    "student_t_sf",
+    "summarize",
+    "welch_t_test",
+    "Table",
+    "mark_best",
+    "table1",
+    "table2",
+    "table3",
+]

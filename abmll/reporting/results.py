@@ -1,0 +1,364 @@
+"""Find and load ``results.json`` files written by ``tune run abmll_recipe``.
+
+:func:`load_results` walks one or more directories (recursively), loads every finished run,
+and reports, instead of hiding, everything else it finds: corrupt or unfinished
+``results.json`` files, runs with a checkpoint but no results yet (in progress or stopped),
+runs that a reproduce script recorded as failed, and duplicate (split, method, beta, seed)
+runs (the first in path order is kept), and groups of seeds whose configs differ in more
+than the seed and paths (merging runs from different settings by mistake).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "METHOD_ORDER",
+    "METHOD_LABELS",
+    "SPLIT_ORDER",
+    "SPLIT_LABELS",
+    "FAILED_MARKER",
+    "RunResult",
+    "Problem",
+    "ResultSet",
+    "load_results",
+    "canonical_method",
+    "method_label",
+    "split_label",
+    "log10_beta",
+]
+
+# The paper's row order (Table 1) and display names.
+METHOD_ORDER = ["Pretrained", "RegularLoRA", "StructuredLoRA", "Reptile", "ABMLL"]
+METHOD_LABELS = {
+    "Pretrained": "Pretrained",
+    "RegularLoRA": "Regular LoRA",
+    "StructuredLoRA": "Struct. LoRA",
+    "Reptile": "Reptile",
+    "ABMLL": "ABMLL",
+}
+# Config short names (``tiny/regular_lora``) and other spellings -> class names.
+_METHOD_ALIASES = {
+    "pretrained": "Pretrained",
+    "regular_lora": "RegularLoRA",
+    "regularlora": "RegularLoRA",
+    "regular lora": "RegularLoRA",
+    "structured_lora": "StructuredLoRA",
+    "structuredlora": "StructuredLoRA",
+    "struct. lora": "StructuredLoRA",
+    "reptile": "Reptile",
+    "abmll": "ABMLL",
+}
+# The paper's column order; other splits follow alphabetically.
+SPLIT_ORDER = ["cls45", "cls23", "nli", "para", "mcqa", "bigbench-mc", "tiny"]
+SPLIT_LABELS = {
+    "cls45": "cls-45",
+    "cls23": "cls-23",
+    "nli": "NLI",
+    "para": "Para",
+    "mcqa": "MCQA",
+}
+
+# Written by the reproduce scripts into a run's output_dir when its `tune run` failed.
+FAILED_MARKER = "reproduce_failed.log"
+
+METRICS = ("accuracy", "ece", "nll", "brier")
+
+
+def canonical_method(name: str) -> str:
+    """``"regular_lora"`` / ``"RegularLoRA"`` / ``"abmll.learners.RegularLoRA"`` -> ``"RegularLoRA"``."""
+    short = str(name).rsplit(".", 1)[-1]
+    if short in METHOD_LABELS:
+        return short
+    return _METHOD_ALIASES.get(short.lower(), short)
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def split_label(split: str) -> str:
+    return SPLIT_LABELS.get(split, split)
+
+
+def method_sort_key(method: str) -> Tuple[int, str]:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def split_sort_key(split: str) -> Tuple[int, str]:
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def log10_beta(beta: Optional[float]) -> Optional[float]:
+    """log10 of beta, rounded to 6 decimals (so 1e-8 -> -8.0); -inf for beta = 0."""
+    if beta is None:
+        return None
+    if beta <= 0:
+        return float("-inf")
+    return round(math.log10(beta), 6)
+
+
+@dataclass
+class RunResult:
+    """One finished run: a parsed ``results.json``."""
+
+    path: Path
+    method: str
+    split: str
+    seed: int
+    beta: Optional[float]  # ABMLL only: config learner.beta
+    data: Dict[str, Any] = field(repr=False)
+
+    @property
+    def group(self) -> Tuple[str, str, Optional[float]]:
+        """Runs that differ only in the seed: (split, method, beta)."""
+        return (self.split, self.method, self.beta)
+
+    @property
+    def log10_beta(self) -> Optional[float]:
+        return log10_beta(self.beta)
+
+    def test_metrics(self, average: str = "mean") -> Dict[str, float]:
+        return self.data["test"][average]
+
+    @property
+    def val_at_best(self) -> Dict[str, float]:
+        return self.data["val_at_best"]
+
+    @property
+    def pruning(self) -> Dict[float, Dict[str, float]]:
+        """Pruned-test metrics by fraction, with fraction 0 = the unpruned test mean."""
+        out = {0.0: self.data["test"]["mean"]}
+        for key, metrics in (self.data.get("pruning") or {}).items():
+            out[float(key)] = metrics
+        return out
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        return self.data.get("history") or []
+
+
+@dataclass
+class Problem:
+    """Something found that is not a usable finished run."""
+
+    path: Path
+    kind: str  # corrupt | unfinished | in-progress | failed | duplicate | config-mismatch
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path}: {self.message}"
+
+
+@dataclass
+class ResultSet:
+    runs: List[RunResult]
+    problems: List[Problem]
+
+    def splits(self) -> List[str]:
+        return sorted({r.split for r in self.runs}, key=split_sort_key)
+
+    def methods(self) -> List[str]:
+        return sorted({r.method for r in self.runs}, key=method_sort_key)
+
+    def select(self, *, split=None, method=None, beta="any") -> List[RunResult]:
+        out = []
+        for r in self.runs:
+            if split is not None and r.split != split:
+                continue
+            if method is not None and r.method != method:
+                continue
+            if beta != "any" and not _same_beta(r.beta, beta):
+                continue
+            out.append(r)
+        return sorted(out, key=lambda r: r.seed)
+
+    def betas(self, split: str) -> List[float]:
+        """Distinct ABMLL betas of a split, largest first."""
+        found: List[float] = []
+        for r in self.runs:
+            if r.split == split and r.method == "ABMLL" and r.beta is not None:
+                if not any(_same_beta(r.beta, b) for b in found):
+                    found.append(r.beta)
+        return sorted(found, reverse=True)
+
+
+def _same_beta(a: Optional[float], b: Optional[float]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return log10_beta(a) == log10_beta(b)
+
+
+def _check_results(data: Any) -> Optional[str]:
+    """Why this parsed JSON is not a usable results.json (None if it is)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key in ("method", "split", "seed", "test", "val_at_best"):
+        if key not in data:
+            return f"missing key {key!r}"
+    test = data["test"]
+    if not isinstance(test, dict) or not isinstance(test.get("mean"), dict):
+        return "missing test.mean"
+    for metric in ("accuracy", "ece"):
+        if not isinstance(test["mean"].get(metric), (int, float)):
+            return f"missing test.mean.{metric}"
+        if not isinstance((data.get("val_at_best") or {}).get(metric), (int, float)):
+            return f"missing val_at_best.{metric}"
+    return None
+
+
+def _parse(path: Path) -> Union[RunResult, Problem]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return Problem(path, "corrupt", f"cannot read JSON ({type(err).__name__}: {err})")
+    if isinstance(data, dict) and data.get("finished") is not True:
+        return Problem(path, "unfinished", "results.json without \"finished\": true")
+    why = _check_results(data)
+    if why:
+        return Problem(path, "corrupt", why)
+    method = canonical_method(data.get("method") or data.get("learner") or "")
+    beta = None
+    if method == "ABMLL":
+        learner_cfg = ((data.get("config") or {}).get("learner") or {})
+        if "beta" in learner_cfg:
+            try:
+                beta = float(learner_cfg["beta"])
+            except (TypeError, ValueError):
+                return Problem(path, "corrupt", f"config.learner.beta is not a number: {learner_cfg['beta']!r}")
+        else:
+            beta = 1e-8  # the learner's default
+    try:
+        seed = int(data["seed"])
+    except (TypeError, ValueError):
+        return Problem(path, "corrupt", f"seed is not an integer: {data['seed']!r}")
+    return RunResult(path=path, method=method, split=str(data["split"]), seed=seed, beta=beta, data=data)
+
+
+# Config keys that may differ between seeds of one group without making them different runs.
+_IGNORED_CONFIG_KEYS = (
+    "output_dir",
+    "seed",
+    "resume_from_checkpoint",
+    "overwrite",
+    "stop_after_epoch",
+    "metric_logger",
+    "eval.prune_fractions",
+    "data.data_dir",
+    "checkpointer.checkpoint_dir",
+    "checkpointer.output_dir",
+    "tokenizer.path",
+    "device",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_signature(run: RunResult) -> Dict[str, Any]:
+    flat = _flatten(run.data.get("config") or {})
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == ig or k.startswith(ig + ".") for ig in _IGNORED_CONFIG_KEYS)
+    }
+
+
+def _discover(root: Path) -> Tuple[List[Path], List[Problem]]:
+    """results.json files under ``root``, and the run directories that have none."""
+    if root.is_file():
+        return [root], []
+    if not root.is_dir():
+        return [], [Problem(root, "missing", "no such file or directory")]
+    found = sorted(root.rglob("results.json"))
+    have = {p.parent for p in found}
+    problems: List[Problem] = []
+    for ckpt in sorted(root.rglob("recipe_state.pt")):
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        if run_dir not in have and not (run_dir / FAILED_MARKER).exists():
+            problems.append(Problem(run_dir, "in-progress", "checkpoint but no results.json (running, or stopped: resume it)"))
+    for marker in sorted(root.rglob(FAILED_MARKER)):
+        if marker.parent not in have:
+            tail = marker.read_text(errors="replace").strip().splitlines()
+            last = tail[-1] if tail else ""
+            problems.append(Problem(marker.parent, "failed", f"the run failed; see {marker}" + (f" ({last})" if last else "")))
+    return found, problems
+
+
+def load_results(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> ResultSet:
+    """Load every finished run under ``paths`` (directories searched recursively, or files)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: List[Path] = []
+    problems: List[Problem] = []
+    for p in paths:
+        f, probs = _discover(Path(p))
+        files.extend(f)
+        problems.extend(probs)
+    seen_files = set()
+    runs: List[RunResult] = []
+    for f in files:
+        key = f.resolve()
+        if key in seen_files:
+            continue
+        seen_files.add(key)
+        parsed = _parse(f)
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+        else:
+            runs.append(parsed)
+
+    # Duplicates: the same (split, method, beta, seed) twice. Keep the first in path order.
+    kept: List[RunResult] = []
+    by_key: Dict[tuple, RunResult] = {}
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        key = (r.split, r.method, log10_beta(r.beta), r.seed)
+        if key in by_key:
+            problems.append(
+                Problem(r.path, "duplicate", f"same split/method/beta/seed as {by_key[key].path}; ignored")
+            )
+            continue
+        by_key[key] = r
+        kept.append(r)
+
+    # Seeds of one group should differ only in the seed (and paths).
+    groups: Dict[tuple, List[RunResult]] = defaultdict(list)
+    for r in kept:
+        groups[(r.split, r.method, log10_beta(r.beta))].append(r)
+    for (split, method, lb), members in groups.items():
+        if len(members) < 2:
+            continue
+        ref = _config_signature(members[0])
+        for other in members[1:]:
+            sig = _config_signature(other)
+            diff = sorted(k for k in set(ref) | set(sig) if ref.get(k) != sig.get(k))
+            if diff:
+                shown = ", ".join(f"{k}: {ref.get(k)!r} vs {sig.get(k)!r}" for k in diff[:4])
+                more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+                problems.append(
+                    Problem(
+                        other.path,
+                        "config-mismatch",
+                        f"averaged with {members[0].path} but its config differs: {shown}{more}",
+                    )
+                )
+    return ResultSet(runs=sorted(kept, key=lambda r: (split_sort_key(r.split), method_sort_key(r.method), -(r.beta or 0), r.seed)), problems=problems)
+
+
+def iter_metric(runs: Iterable[RunResult], getter) -> List[float]:
+    return [float(getter(r)) for r in runs]
