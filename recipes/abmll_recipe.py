@@ -113,6 +113,8 @@ class ABMLLRecipe:
         self.ckpt_dir = self.output_dir / "checkpoints"
         ev = cfg.get("eval", {}) or {}
         self.eval_every = int(ev.get("every_n_epochs", 1))
+        # validate: false skips validation; the test then uses the last epoch's adapters.
+        self.validate = bool(ev.get("validate", True))
         self.num_samples = int(ev.get("num_samples", 1))
         self.eval_mode = str(ev.get("mode", "sample"))
         self.ece_bins = int(ev.get("ece_bins", 15))
@@ -311,14 +313,23 @@ class ABMLLRecipe:
         )
 
     # ------------------------------------------------------------------ training
+    def _validate(self, epoch: int) -> Optional[Dict[str, float]]:
+        """Validate (when enabled) and keep the adapters of the best epoch so far."""
+        if not self.validate:
+            self.best = {"epoch": epoch, "val": None, "adapters": self._adapter_state()}
+            return None
+        val = self.evaluate(self.val_sampler, f"val epoch {epoch}")
+        self._log_eval("val", val, epoch)
+        if self.best["epoch"] is None or val["mean"]["accuracy"] > self.best["val"]["accuracy"]:
+            self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
+        return val["mean"]
+
     def train(self) -> None:
         n_episodes = self.learner.num_episodes(self.train_sampler)
-        if n_episodes == 0 and self.best["epoch"] is None:
-            # Nothing to train (Pretrained): validate the model as it is, as epoch 0.
-            val = self.evaluate(self.val_sampler, "val epoch 0")
-            self._log_eval("val", val, 0)
-            self.history.append({"epoch": 0, "val": val["mean"]})
-            self.best = {"epoch": 0, "val": val["mean"], "adapters": self._adapter_state()}
+        if (n_episodes == 0 or self.epochs == 0) and self.best["epoch"] is None:
+            # Nothing to train (Pretrained, or epochs=0): the model as it is, as epoch 0.
+            val = self._validate(0)
+            self.history.append({"epoch": 0, "val": val} if val else {"epoch": 0})
             return
         for epoch in range(self.start_epoch + 1, self.epochs + 1):
             self.model.train()
@@ -347,20 +358,15 @@ class ABMLLRecipe:
                 "train": {k: v / max(n_episodes, 1) for k, v in sums.items()},
             }
             if epoch % self.eval_every == 0 or epoch == self.epochs:
-                val = self.evaluate(self.val_sampler, f"val epoch {epoch}")
-                self._log_eval("val", val, epoch)
-                record["val"] = val["mean"]
-                if self.best["epoch"] is None or val["mean"]["accuracy"] > self.best["val"]["accuracy"]:
-                    self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
+                val = self._validate(epoch)
+                if val is not None:
+                    record["val"] = val
             self.history.append(record)
             self.save_checkpoint(epoch)
             if self.stop_after_epoch is not None and epoch >= int(self.stop_after_epoch):
                 log.info(f"stop_after_epoch={self.stop_after_epoch}: stopping; resume with resume_from_checkpoint=True")
                 self.stopped_early = True
                 return
-        if self.best["epoch"] is None:  # epochs == 0
-            val = self.evaluate(self.val_sampler, "val epoch 0")
-            self.best = {"epoch": 0, "val": val["mean"], "adapters": self._adapter_state()}
 
     # ------------------------------------------------------------------ test and report
     def finish(self) -> Optional[Dict[str, Any]]:

@@ -132,3 +132,12 @@ def test_bad_config_gives_one_clear_error(run_recipe, tmp_path, override, needle
 def test_unknown_config_name_lists_the_packaged_ones(run_recipe):
     proc = run_recipe("--config", "tiny/nope")
     assert proc.returncode == 2 and "tiny/abmll" in proc.stderr
+
+
+def test_without_validation_the_last_epoch_is_tested(run_recipe, tmp_path):
+    out = tmp_path / "noval"
+    _ok(run_recipe("--config", "tiny/reptile", f"output_dir={out}", "epochs=2", "eval.validate=false"))
+    res = _results(out)
+    assert res["best_epoch"] == 2 and res["val_at_best"] is None
+    assert all("val" not in h for h in res["history"])
+    assert 0.0 <= res["test"]["mean"]["accuracy"] <= 1.0
