@@ -36,12 +36,9 @@ from torch import nn
 from tqdm import tqdm
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
-from torchtune.models.convert_weights import (
-    tune_to_peft_adapter_config,
-    tune_to_peft_adapter_weights,
-)
 
 from abmll.data import TaskSampler, load_split, option_token_ids
+from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
 from abmll.modules import gaussian_lora_modules, set_gaussian_mode
 
@@ -410,29 +407,15 @@ class ABMLLRecipe:
 
     def _export_peft(self, out_dir: Path) -> None:
         """The (global mean) adapter as a PEFT LoRA: adapter_config.json + adapter_model.safetensors."""
-        from safetensors.torch import save_file
-
-        attn = next(m for m in self.model.modules() if isinstance(m, modules.MultiHeadAttention))
-        adapter = self.learner.export_adapter()
-        layer = next(
-            (m for m in self.model.modules() if hasattr(m, "rank") and hasattr(m, "alpha")), None
-        )
-        targets = sorted({k.split(".")[-3] for k in adapter})
-        weights = tune_to_peft_adapter_weights(
-            adapter,
-            num_heads=attn.num_heads,
-            num_kv_heads=attn.num_kv_heads,
-            dim=attn.embed_dim,
-            head_dim=attn.head_dim,
-        )
-        adapter_config = tune_to_peft_adapter_config(
-            {"r": layer.rank, "lora_alpha": layer.alpha, "target_modules": targets},
+        layer = next(m for m in self.model.modules() if hasattr(m, "rank") and hasattr(m, "alpha"))
+        save_peft_adapter(
+            self.learner.export_adapter(),
+            self.model,
+            out_dir,
+            rank=layer.rank,
+            alpha=layer.alpha,
             base_model_name_or_path=self.cfg.get("base_model_name_or_path", None),
         )
-        adapter_config.update({"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none"})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "adapter_model.safetensors"))
-        _atomic_write_text(json.dumps(adapter_config, indent=2), out_dir / "adapter_config.json")
 
     def cleanup(self) -> None:
         self._metric_logger.close()

@@ -1,0 +1,55 @@
+"""Export an adapter as a standard LoRA in PEFT's format (what `PeftModel.from_pretrained` loads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchtune.models.convert_weights import (
+    tune_to_peft_adapter_config,
+    tune_to_peft_adapter_weights,
+)
+from torchtune.modules import MultiHeadAttention
+
+
+def save_peft_adapter(
+    adapter: Dict[str, torch.Tensor],
+    model: nn.Module,
+    out_dir: Path,
+    rank: int,
+    alpha: float,
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``out_dir``.
+
+    ``adapter`` uses torchtune names (``layers.0.attn.q_proj.lora_a.weight``); torchtune's
+    converter maps them to Hugging Face names and permutes the q/k ``lora_B`` rows into
+    Hugging Face's rotary layout, using the attention shape read off ``model``.
+    """
+    attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+    weights = tune_to_peft_adapter_weights(
+        adapter,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_kv_heads,
+        dim=attn.embed_dim,
+        head_dim=attn.head_dim,
+    )
+    targets = sorted({k.split(".")[-3] for k in adapter})
+    config = tune_to_peft_adapter_config(
+        {"r": rank, "lora_alpha": alpha, "target_modules": targets},
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    config.update({"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none"})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "adapter_model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
+    os.replace(tmp, out_dir / "adapter_model.safetensors")
+    tmp = out_dir / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, out_dir / "adapter_config.json")

@@ -1,0 +1,59 @@
+"""The exported adapter is a standard LoRA that Hugging Face PEFT loads: a transformers
+Llama with the tiny model's base weights plus the PEFT adapter gives the same logits as our
+Gaussian model in mean mode with phi = theta (W0 + the global mean offset)."""
+
+import torch
+from torchtune.models.convert_weights import tune_to_hf
+from torchtune.modules.peft import get_adapter_params
+
+from abmll.export import save_peft_adapter
+from abmll.learners import ABMLL
+from abmll.models import gaussian_lora_tiny_llama
+from abmll.models.tiny import _TINY_ARCH
+from abmll.modules import PAIRS, gaussian_lora_modules, set_gaussian_mode
+
+
+def _hf_llama(base_state):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = _TINY_ARCH
+    cfg = LlamaConfig(
+        vocab_size=a["vocab_size"], hidden_size=a["embed_dim"], intermediate_size=a["intermediate_dim"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"],
+        num_key_value_heads=a["num_kv_heads"], max_position_embeddings=a["max_seq_len"],
+        rms_norm_eps=a["norm_eps"], rope_theta=a["rope_base"], tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    hf = tune_to_hf(base_state, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], dim=a["embed_dim"])
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return model
+
+
+def test_exported_global_mean_adapter_loads_in_peft_and_matches(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_llama().eval()
+    with torch.no_grad():
+        for _, layer in gaussian_lora_modules(model):
+            for p in layer.pair_params(PAIRS):
+                p.normal_(0, 0.2)
+            layer.copy_theta_to_phi()
+    learner = ABMLL()
+    learner.setup(model, torch.device("cpu"))
+    save_peft_adapter(learner.export_adapter(), model, tmp_path, rank=8, alpha=16)
+
+    adapter_keys = set(get_adapter_params(model))
+    base_state = {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
+    hf = PeftModel.from_pretrained(_hf_llama(base_state), str(tmp_path)).eval()
+
+    tokens = torch.randint(0, 256, (2, 11))
+    set_gaussian_mode(model, "mean")
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf(input_ids=tokens).logits
+        base_only = _hf_llama(base_state)(input_ids=tokens).logits
+    assert (ours - base_only).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
