@@ -111,6 +111,7 @@ def save_figure2_png(curves: Sequence[Curve], path: Path) -> Optional[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return (
             "matplotlib is not installed: Figure 2 written as CSV only "
@@ -127,6 +128,7 @@ def save_figure2_png(curves: Sequence[Curve], path: Path) -> Optional[str]:
                 ax.plot([0, max(max_epoch, 1)], [ys[0], ys[0]], "--", label=method_label(c.method))
             else:
                 ax.plot(c.epochs, ys, marker="o" if len(c.epochs) < 30 else None, ms=3, label=method_label(c.method))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("Epoch")
         ax.set_ylabel(f"Validation {label}")
         ax.grid(alpha=0.3)

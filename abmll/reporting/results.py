@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "METHOD_ORDER",
@@ -340,7 +340,7 @@ def load_results(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> ResultS
     groups: Dict[tuple, List[RunResult]] = defaultdict(list)
     for r in kept:
         groups[(r.split, r.method, log10_beta(r.beta))].append(r)
-    for (split, method, lb), members in groups.items():
+    for members in groups.values():
         if len(members) < 2:
             continue
         ref = _config_signature(members[0])
@@ -359,6 +359,3 @@ def load_results(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> ResultS
                 )
     return ResultSet(runs=sorted(kept, key=lambda r: (split_sort_key(r.split), method_sort_key(r.method), -(r.beta or 0), r.seed)), problems=problems)
 
-
-def iter_metric(runs: Iterable[RunResult], getter) -> List[float]:
-    return [float(getter(r)) for r in runs]

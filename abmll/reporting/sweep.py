@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -77,6 +77,8 @@ class Profile:
     overrides: Sequence[str] = ()  # appended to every run (before the user's --set)
     needs_data_dir: bool = False
     needs_checkpoint_dir: bool = False
+    # The tokenizer file lives with the weights (Llama3: CHECKPOINT_DIR/tokenizer.model).
+    tokenizer_in_checkpoint_dir: Optional[str] = None
     jobs: int = 1
     description: str = ""
 
@@ -91,6 +93,7 @@ PROFILES: Dict[str, Profile] = {
         figure_split="cls45",
         needs_data_dir=True,
         needs_checkpoint_dir=True,
+        tokenizer_in_checkpoint_dir="tokenizer.model",
         description="Llama3-8B, CrossFit/UnifiedQA splits, epochs from the llama3_8b configs (500), "
         "3 seeds; one GPU (the paper: an A100 40GB)",
     ),
@@ -101,8 +104,11 @@ PROFILES: Dict[str, Profile] = {
         table2_splits=("bigbench-mc",),
         table3_split="bigbench-mc",
         figure_split="bigbench-mc",
-        # Sized for 2 CPU cores: see scripts/README.md for the measured time per run.
-        overrides=("epochs=3", "data.max_eval_examples_per_task=20"),
+        # Sized for 2 CPU cores (scripts/README.md, "Time"): the configs' 2 epochs, half the
+        # configs' evaluation examples (evaluation dominates: validation every epoch, the test
+        # unpruned + 4 pruning fractions). max_seq_len 512: with the configs' 256 some
+        # bigbench-mc prompts (parsinlu_qa) do not fit and the run stops with an error.
+        overrides=("data.max_eval_examples_per_task=20",),
         description="SmolLM2-135M on the offline BIG-bench split, CPU, a few hours",
     ),
     "smoke": Profile(
@@ -162,12 +168,18 @@ def _common_overrides(profile: Profile, args) -> List[str]:
         out.append(f"epochs={args.epochs}")
     if args.data_dir is not None:
         out.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
-    elif profile.needs_data_dir:
+    elif profile.needs_data_dir and not os.environ.get("ABMLL_METAICL_DATA"):
         out.append("data.data_dir=<DATA_DIR>")
-    if args.checkpoint_dir is not None:
-        out.append(f"checkpointer.checkpoint_dir={Path(args.checkpoint_dir).expanduser().resolve()}")
+    ckpt = Path(args.checkpoint_dir).expanduser().resolve() if args.checkpoint_dir is not None else None
+    if ckpt is not None:
+        out.append(f"checkpointer.checkpoint_dir={ckpt}")
     elif profile.needs_checkpoint_dir:
         out.append("checkpointer.checkpoint_dir=<CHECKPOINT_DIR>")
+    if args.tokenizer_path is not None:
+        out.append(f"tokenizer.path={Path(args.tokenizer_path).expanduser().resolve()}")
+    elif profile.tokenizer_in_checkpoint_dir:
+        where = str(ckpt) if ckpt is not None else "<CHECKPOINT_DIR>"
+        out.append(f"tokenizer.path={where}/{profile.tokenizer_in_checkpoint_dir}")
     out.extend(args.set or [])
     return out
 
@@ -291,11 +303,11 @@ class _Runner:
                 with self.lock:
                     self.procs.pop(proc.pid, None)
         seconds = time.perf_counter() - t0
-        if self.stopping:
-            return Outcome(spec, "interrupted", seconds, rc, "stopped by the user; rerun to resume")
         if rc == 0 and is_finished(spec):
             marker.unlink(missing_ok=True)
             return Outcome(spec, "done", seconds, rc)
+        if self.stopping:
+            return Outcome(spec, "interrupted", seconds, rc, "stopped; rerun to resume")
         if rc == 0:
             why = "exited 0 but wrote no finished results.json (stop_after_epoch set? corrupt results.json?)"
         else:
@@ -333,9 +345,22 @@ def child_env(jobs: int) -> Dict[str, str]:
     return env
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption, `kill`) stops the sweep like Ctrl-C: runs are stopped,
+    checkpoints kept, the summary printed."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def run_specs(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], None] = print) -> List[Outcome]:
     """Run every spec (skipping finished ones), ``jobs`` at a time; one progress line per run."""
     runner = _Runner(tune_command(), child_env(jobs), log)
+    _interrupt_on_sigterm()
     total = len(specs)
     outcomes: List[Outcome] = []
     counter = [0]
@@ -355,23 +380,31 @@ def run_specs(specs: Sequence[RunSpec], *, jobs: int = 1, log: Callable[[str], N
         else:
             todo.append(s)
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futures = {pool.submit(runner.run_one, s): s for s in todo}
+    reported = set()
     try:
-        pending = {pool.submit(runner.run_one, s) for s in todo}
+        pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in done:
                 o = fut.result()
                 outcomes.append(o)
+                reported.add(fut)
                 report(o)
         pool.shutdown(wait=True)
     except KeyboardInterrupt:
         log("interrupted: stopping the running runs (their checkpoints are kept; rerun to resume)")
         runner.stop()
         pool.shutdown(wait=True, cancel_futures=True)
-        done_specs = {id(o.spec) for o in outcomes}
-        for s in todo:
-            if id(s) not in done_specs:
-                outcomes.append(Outcome(s, "interrupted", 0.0, None, "not finished"))
+        for fut, s in futures.items():
+            if fut in reported:
+                continue
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                o = fut.result()
+            else:
+                o = Outcome(s, "interrupted", 0.0, None, "not started")
+            outcomes.append(o)
+            report(o)
     order = {id(s): i for i, s in enumerate(specs)}
     return sorted(outcomes, key=lambda o: order[id(o.spec)])
 
@@ -439,6 +472,8 @@ def build_parser(what: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="task directory (data.data_dir); required for paper")
     p.add_argument("--checkpoint-dir", default=None,
                    help="model weights (checkpointer.checkpoint_dir); required for paper")
+    p.add_argument("--tokenizer-path", default=None,
+                   help="tokenizer file (tokenizer.path); paper default: CHECKPOINT_DIR/tokenizer.model")
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
                    help="extra config override for every run (repeatable)")
@@ -453,8 +488,8 @@ def _check_args(parser: argparse.ArgumentParser, profile: Profile, args) -> None
     if args.dry_run:
         return
     missing = []
-    if profile.needs_data_dir and args.data_dir is None:
-        missing.append("--data-dir (the MetaICL-layout task directory)")
+    if profile.needs_data_dir and args.data_dir is None and not os.environ.get("ABMLL_METAICL_DATA"):
+        missing.append("--data-dir (the MetaICL-layout task directory, or set ABMLL_METAICL_DATA)")
     if profile.needs_checkpoint_dir and args.checkpoint_dir is None:
         missing.append("--checkpoint-dir (Llama3-8B-Instruct weights, e.g. from `tune download`)")
     if missing:

@@ -132,7 +132,7 @@ class Table:
                 .replace("β", r"$\beta$")
             )
 
-        out = [f"% {self.title}", "% " + " ".join(self.notes).replace("\n", " ")]
+        out = [f"% {self.title}", "% " + " ".join(self.notes).replace("\n", " ").replace("**", "")]
         for block in self.blocks:
             max_n = block.max_n()
             out.append(r"\begin{tabular}{l" + "c" * len(block.columns) + "}")

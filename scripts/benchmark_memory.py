@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Peak training memory of ABMLL vs Regular LoRA on the same model and batch.
+
+    python scripts/benchmark_memory.py --config-pair tiny
+    python scripts/benchmark_memory.py --config-pair smollm2_135m
+    python scripts/benchmark_memory.py --config-pair llama3_8b --device cuda   # the paper's setting
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from abmll.reporting.memory import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

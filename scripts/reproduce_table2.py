@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Reproduce the paper's Table 2 (accuracy under pruning), reusing Table 1's runs.
+
+    python scripts/reproduce_table2.py --profile smoke            # tiny model, minutes
+    python scripts/reproduce_table2.py --profile offline          # SmolLM2-135M on CPU, hours
+    python scripts/reproduce_table2.py --profile paper --data-dir DATA --checkpoint-dir WEIGHTS
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from abmll.reporting.sweep import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("table2"))

@@ -1,0 +1,338 @@
+"""abmll.reporting: the aggregation arithmetic against hand-made results.json files."""
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from abmll.reporting import (
+    betainc,
+    load_results,
+    mark_best,
+    moving_average,
+    student_t_sf,
+    summarize,
+    table1,
+    table2,
+    table3,
+    welch_t_test,
+)
+from abmll.reporting.aggregate import main as aggregate_main
+from abmll.reporting.figure2 import figure2_curves, figure2_csv, save_figure2_png
+from abmll.reporting.results import FAILED_MARKER
+from abmll.reporting.tables import Cell
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_summarize_mean_and_standard_error():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s.mean == 2.5 and s.n == 4
+    assert s.std == pytest.approx(math.sqrt(5 / 3))  # ddof=1
+    assert s.se == pytest.approx(math.sqrt(5 / 3) / 2)
+    one = summarize([0.7])
+    assert (one.mean, one.std, one.se, one.n, one.se_defined) == (0.7, 0.0, 0.0, 1, False)
+    assert summarize([]) is None
+    assert summarize([1.0, float("nan"), 3.0]).n == 2
+
+
+def test_student_t_tail_against_closed_forms_and_critical_values():
+    for t in (0.1, 0.5, 1.0, 2.0, 7.5, 40.0):
+        # df = 1 is Cauchy; df = 2 has a closed form too.
+        assert student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-10)
+        assert student_t_sf(t, 2) == pytest.approx(0.5 * (1 - t / math.sqrt(2 + t * t)), rel=1e-10)
+        assert student_t_sf(-t, 3) == pytest.approx(1 - student_t_sf(t, 3), rel=1e-12)
+    # Two-sided 5% critical values from any t table.
+    for t, df in ((12.706205, 1), (4.302653, 2), (2.776445, 4), (2.228139, 10), (2.042272, 30)):
+        assert 2 * student_t_sf(t, df) == pytest.approx(0.05, abs=2e-7)
+    assert student_t_sf(0.0, 5.5) == pytest.approx(0.5)
+    assert student_t_sf(math.inf, 3) == 0.0
+
+
+def test_betainc_against_mpmath():
+    mpmath = pytest.importorskip("mpmath")
+    for a, b, x in ((0.5, 0.5, 0.3), (1.3, 0.5, 0.9), (2.7, 0.5, 0.05), (50.0, 0.5, 0.99), (3.0, 7.0, 0.4)):
+        ref = float(mpmath.betainc(a, b, 0, x, regularized=True))
+        assert betainc(a, b, x) == pytest.approx(ref, rel=1e-11, abs=1e-14)
+    assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, 1.0) == 1.0
+
+
+def test_welch_t_test_known_values():
+    # Reference values: mpmath quadrature of the Student-t density at Welch's t and df.
+    r = welch_t_test([0.752, 0.748, 0.751], [0.73, 0.725, 0.735])
+    assert r.t == pytest.approx(6.502621848846106, rel=1e-12)
+    assert r.df == pytest.approx(2.673110113910942, rel=1e-12)
+    assert r.p_value == pytest.approx(0.010420237416916285, rel=1e-9)
+    r = welch_t_test([1, 2, 3, 4], [2, 4, 6, 8, 10])
+    assert r.t == pytest.approx(-2.251436323159369, rel=1e-12)
+    assert r.df == pytest.approx(5.520787746170678, rel=1e-12)
+    assert r.p_value == pytest.approx(0.06913359319239241, rel=1e-9)
+    # Symmetric in its arguments; undefined with < 2 values; degenerate zero-variance cases.
+    assert welch_t_test([2, 4, 6, 8, 10], [1, 2, 3, 4]).p_value == pytest.approx(r.p_value)
+    assert welch_t_test([1.0], [1.0, 2.0]) is None
+    assert welch_t_test([0.5, 0.5], [0.5, 0.5]).p_value == 1.0
+    assert welch_t_test([0.5, 0.5], [0.6, 0.6]).p_value == 0.0
+
+
+def test_moving_average_over_three_most_recent():
+    assert moving_average([1, 2, 3, 4, 5]) == [1, 1.5, 2, 3, 4]
+    assert moving_average([2.0]) == [2.0]
+    assert moving_average([1, 2, 3, 4], window=2) == [1, 1.5, 2.5, 3.5]
+    with pytest.raises(ValueError):
+        moving_average([1], window=0)
+
+
+def test_mark_best_bolds_best_and_inseparable():
+    def cell(vals, metric="accuracy"):
+        return Cell(summarize(vals), metric)
+
+    col = {
+        "best": cell([0.80, 0.81, 0.79]),
+        "close": cell([0.70, 0.85, 0.78]),  # noisy: Welch cannot separate it
+        "far": cell([0.50, 0.51, 0.49]),
+        "single": cell([0.79]),  # n=1: untestable, not tied -> not bold
+        "missing": Cell(None, "accuracy"),
+    }
+    mark_best(col, higher_is_better=True, alpha=0.05)
+    assert col["best"].bold and col["best"].is_best
+    assert col["close"].bold and col["close"].p_value > 0.05
+    assert not col["far"].bold and col["far"].p_value < 0.05
+    assert not col["single"].bold and col["single"].p_value is None
+    assert not col["missing"].bold
+    # Lower is better (ECE); exact ties on the mean are all best.
+    ece = {"a": cell([0.2, 0.3], "ece"), "b": cell([0.25, 0.25], "ece"), "c": cell([0.9, 0.91], "ece")}
+    mark_best(ece, higher_is_better=False)
+    assert ece["a"].is_best and ece["b"].is_best and not ece["c"].bold
+
+
+# ----------------------------------------------------------------------------- hand-made runs
+METHOD_DIRS = {
+    "Pretrained": "pretrained",
+    "RegularLoRA": "regular_lora",
+    "StructuredLoRA": "structured_lora",
+    "Reptile": "reptile",
+    "ABMLL": "abmll",
+}
+
+
+def fake_run(root: Path, split, method, seed, acc, ece, *, beta=None, val=None, pruning=None,
+             history=None, finished=True, dirname=None, epochs=3, extra_cfg=None):
+    """Write a results.json shaped like the recipe's."""
+    out = root / split / (dirname or METHOD_DIRS[method]) / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    val = val or (acc - 0.01, ece + 0.01)
+    learner = {"_component_": f"abmll.learners.{method}", "inner_steps": 5}
+    if method == "ABMLL":
+        learner["beta"] = 1e-8 if beta is None else beta
+    cfg = {"output_dir": str(out), "seed": seed, "split": split, "epochs": epochs, "learner": learner,
+           "model": {"_component_": "m"}, **(extra_cfg or {})}
+    if history is None:
+        history = [{"epoch": e, "train": {}, "val": {"accuracy": val[0], "ece": val[1]}} for e in range(1, epochs + 1)]
+    data = {
+        "method": method,
+        "learner": learner["_component_"],
+        "split": split,
+        "seed": seed,
+        "best_epoch": epochs,
+        "epochs": epochs,
+        "val_at_best": {"accuracy": val[0], "ece": val[1], "nll": 1.0, "brier": 0.5},
+        "test": {"mean": {"accuracy": acc, "ece": ece, "nll": 1.0, "brier": 0.5},
+                 "pooled": {"accuracy": acc, "ece": ece, "nll": 1.0, "brier": 0.5, "n": 10},
+                 "per_task": {}},
+        "pruning": pruning or {},
+        "history": history,
+        "config": cfg,
+        "finished": finished,
+    }
+    (out / "results.json").write_text(json.dumps(data))
+    return out
+
+
+# Table-1 accuracies/ECEs per (split, method): one value per seed.
+ACC = {
+    ("cls45", "Pretrained"): [0.261, 0.261, 0.261],
+    ("cls45", "RegularLoRA"): [0.71, 0.72, 0.716],
+    ("cls45", "StructuredLoRA"): [0.744, 0.746, 0.745],
+    ("cls45", "Reptile"): [0.73, 0.725, 0.735],
+    ("cls45", "ABMLL"): [0.752, 0.748, 0.751],
+    ("nli", "Pretrained"): [0.576, 0.576, 0.576],
+    ("nli", "RegularLoRA"): [0.785, 0.785, 0.785],
+    ("nli", "StructuredLoRA"): [0.754, 0.755, 0.756],
+    ("nli", "Reptile"): [0.83, 0.838, 0.831],
+    ("nli", "ABMLL"): [0.822, 0.821, 0.823],
+}
+ECE = {k: [round(1 - v, 3) / 2 for v in vals] for k, vals in ACC.items()}
+
+
+@pytest.fixture
+def grid(tmp_path):
+    root = tmp_path / "results"
+    for (split, method), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            ece = ECE[(split, method)][seed]
+            pruning = {f"{f:g}": {"accuracy": acc - f / 10, "ece": ece + f / 10, "nll": 1, "brier": 0.5}
+                       for f in (0.01, 0.1, 0.2, 0.3)}
+            fake_run(root, split, method, seed, acc, ece, pruning=pruning)
+    # Table 3 sweep on cls45 (beta=1e-8 is the Table 1 run).
+    for lb, vals in ((0, [0.64, 0.65, 0.645]), (-5, [0.70, 0.71, 0.70]), (-16, [0.60, 0.61, 0.61])):
+        for seed, v in enumerate(vals):
+            fake_run(root, "cls45", "ABMLL", seed, v, 0.3, beta=10.0**lb, val=(v, 0.4 - v / 10),
+                     dirname=f"abmll_beta{lb}")
+    return root
+
+
+def test_load_reports_unusable_runs(grid):
+    bad = grid / "cls23"
+    fake_run(bad, "cls23", "Reptile", 0, 0.5, 0.2, finished=False)  # unfinished
+    (bad / "corrupt" / "seed0").mkdir(parents=True)
+    (bad / "corrupt" / "seed0" / "results.json").write_text("{not json")
+    (bad / "running" / "seed0" / "checkpoints").mkdir(parents=True)
+    (bad / "running" / "seed0" / "checkpoints" / "recipe_state.pt").write_bytes(b"x")
+    (bad / "failed" / "seed0").mkdir(parents=True)
+    (bad / "failed" / "seed0" / FAILED_MARKER).write_text("boom\nabmll_recipe: error: x")
+    fake_run(bad, "cls45", "ABMLL", 0, 0.1, 0.1, dirname="dup")  # same split/method/beta/seed
+    fake_run(bad, "nli", "Reptile", 0, 0.1, 0.1, dirname="zz_dup")
+    fake_run(grid / "other", "para", "Reptile", 0, 0.6, 0.3, extra_cfg={"data": {"max_seq_len": 1}})
+    fake_run(grid / "other", "para", "Reptile", 1, 0.6, 0.3, extra_cfg={"data": {"max_seq_len": 2}})
+    res = load_results(grid)
+    kinds = sorted(p.kind for p in res.problems)
+    assert kinds == ["config-mismatch", "corrupt", "duplicate", "duplicate", "failed", "in-progress", "unfinished"]
+    mismatch = next(p for p in res.problems if p.kind == "config-mismatch")
+    assert "data.max_seq_len" in mismatch.message
+    assert len(res.runs) == 30 + 9 + 2
+    assert res.splits() == ["cls45", "nli", "para"]
+    assert res.betas("cls45") == pytest.approx([1.0, 1e-5, 1e-8, 1e-16])
+
+
+def _md_rows(md: str):
+    return [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")
+            and not line.startswith("| log10")]
+
+
+def test_table1_layout_arithmetic_and_bold(grid):
+    res = load_results(grid)
+    t = table1(res)
+    acc, ece = t.blocks
+    assert [lbl for _, lbl in acc.rows] == ["Pretrained", "Regular LoRA", "Struct. LoRA", "Reptile", "ABMLL"]
+    assert [lbl for _, lbl, _ in acc.columns] == ["cls-45 Acc ↑", "NLI Acc ↑"]
+    assert [lbl for _, lbl, _ in ece.columns] == ["cls-45 ECE ↓", "NLI ECE ↓"]
+    # Arithmetic: mean and SE (ddof=1) of the hand-made values.
+    c = acc.cell("ABMLL", "cls45")
+    vals = ACC[("cls45", "ABMLL")]
+    mean = sum(vals) / 3
+    se = math.sqrt(sum((v - mean) ** 2 for v in vals) / 2) / math.sqrt(3)
+    assert c.summary.mean == pytest.approx(mean) and c.summary.se == pytest.approx(se)
+    assert c.text(3) == "75.0% ± 0.1%"
+    assert acc.cell("Pretrained", "cls45").text(3) == "26.1% ± 0.0%"
+    assert ece.cell("ABMLL", "cls45").text(3) == f"{sum(ECE[('cls45', 'ABMLL')]) / 3:.3f} ± 0.001"
+    # Bold: cls45 -> ABMLL only (others separable); nli -> Reptile best, ABMLL not separable? check p.
+    assert acc.cell("ABMLL", "cls45").is_best
+    assert [k for k, _ in acc.rows if acc.cell(k, "cls45").bold] == ["ABMLL"]
+    assert acc.cell("Reptile", "nli").is_best
+    p = welch_t_test(ACC[("nli", "ABMLL")], ACC[("nli", "Reptile")]).p_value
+    assert acc.cell("ABMLL", "nli").p_value == pytest.approx(p)
+    assert acc.cell("ABMLL", "nli").bold == (p >= 0.05)
+    # ECE: lower is better -> the best accuracy has the best ECE here by construction.
+    assert ece.cell("ABMLL", "cls45").is_best
+    md = t.to_markdown()
+    rows = _md_rows(md)
+    assert len(rows) == 10 and all(r.count("|") == 4 for r in rows)
+    assert "| ABMLL | **75.0% ± 0.1%** |" in md
+    assert "Welch" in md
+    tex = t.to_latex()
+    assert r"\textbf{75.0\% $\pm$ 0.1\%}" in tex and tex.count(r"\begin{tabular}") == 2
+    rows = list(csv.DictReader(io.StringIO(t.to_csv())))
+    assert len(rows) == 2 * 5 * 2
+    r = next(r for r in rows if r["row"] == "ABMLL" and r["column"] == "cls45" and r["metric"] == "accuracy")
+    assert r["n"] == "3" and r["bold"] == "1" and r["seeds"] == "0;1;2"
+    assert float(r["se"]) == pytest.approx(se)
+
+
+def test_table1_missing_cells_and_single_seed(tmp_path):
+    root = tmp_path / "r"
+    fake_run(root, "nli", "ABMLL", 0, 0.8, 0.2)
+    fake_run(root, "nli", "ABMLL", 1, 0.82, 0.2)
+    fake_run(root, "nli", "Reptile", 0, 0.9, 0.1)  # single seed, higher mean: the best
+    fake_run(root, "para", "Reptile", 0, 0.5, 0.1)
+    t = table1(load_results(root))
+    acc = t.blocks[0]
+    assert [k for k, _ in acc.rows] == ["Reptile", "ABMLL"]
+    assert acc.cell("ABMLL", "para").text(2) == "—"
+    assert acc.cell("Reptile", "nli").text(2) == "90.0% ± 0.0% (n=1)"
+    assert acc.cell("Reptile", "nli").bold
+    assert not acc.cell("ABMLL", "nli").bold  # untestable against n=1, not tied
+    assert "(n=1)" in t.to_markdown() and "SE 0" in t.to_markdown()
+
+
+def test_table2_pruning_columns(grid):
+    t = table2(load_results(grid), ["nli", "cls45"])
+    assert [b.title for b in t.blocks] == ["(a) NLI, accuracy", "(b) cls-45, accuracy", "(c) NLI, ECE", "(d) cls-45, ECE"]
+    b = t.blocks[0]
+    assert [lbl for _, lbl, _ in b.columns] == ["0% Pruned", "1% Pruned", "10% Pruned", "20% Pruned", "30% Pruned"]
+    assert len(b.rows) == 5
+    vals = ACC[("nli", "ABMLL")]
+    assert b.cell("ABMLL", "0").summary.mean == pytest.approx(sum(vals) / 3)
+    assert b.cell("ABMLL", "0.2").summary.mean == pytest.approx(sum(vals) / 3 - 0.02)
+    assert len(_md_rows(t.to_markdown())) == 4 * 5
+
+
+def test_table3_beta_rows(grid):
+    t = table3(load_results(grid))
+    (b,) = t.blocks
+    assert [lbl for _, lbl in b.rows] == ["0", "-5", "-8", "-16"]
+    assert [lbl for _, lbl, _ in b.columns] == ["Accuracy ↑", "ECE ↓"]
+    assert b.cell(repr(-5.0), "accuracy").summary.mean == pytest.approx((0.70 + 0.71 + 0.70) / 3)
+    # -8 is the Table 1 ABMLL run: its validation accuracy.
+    assert b.cell(repr(-8.0), "accuracy").summary.mean == pytest.approx(sum(ACC[("cls45", "ABMLL")]) / 3 - 0.01)
+    assert b.cell(repr(-8.0), "accuracy").is_best
+    assert "cls-45" in t.notes[0]
+    # nli has a single beta: no Table 3 block for it unless asked.
+    assert len(table3(load_results(grid), ["nli"]).blocks[0].rows) == 1
+
+
+def test_figure2_mean_over_seeds_then_moving_average(tmp_path):
+    root = tmp_path / "r"
+    for seed, accs in enumerate(([0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.5, 0.6])):
+        hist = [{"epoch": e + 1, "train": {}, "val": {"accuracy": a, "ece": 1 - a}} for e, a in enumerate(accs)]
+        fake_run(root, "cls45", "Reptile", seed, 0.5, 0.2, history=hist, epochs=4)
+    fake_run(root, "cls45", "Pretrained", 0, 0.3, 0.3,
+             history=[{"epoch": 0, "val": {"accuracy": 0.26, "ece": 0.45}}], epochs=0)
+    curves = figure2_curves(load_results(root), "cls45")
+    assert [c.method for c in curves] == ["Pretrained", "Reptile"]
+    rep = curves[1]
+    assert rep.epochs == [1, 2, 3, 4] and rep.n_seeds == [2, 2, 2, 2]
+    assert rep.accuracy == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert rep.accuracy_ma == pytest.approx([0.2, 0.25, 0.3, 0.4])
+    assert rep.ece_ma == pytest.approx([0.8, 0.75, 0.7, 0.6])
+    rows = list(csv.DictReader(io.StringIO(figure2_csv(curves))))
+    assert len(rows) == 5 and rows[0]["method"] == "Pretrained" and rows[0]["epoch"] == "0"
+    note = save_figure2_png(curves, tmp_path / "f.png")
+    try:
+        import matplotlib  # noqa: F401
+
+        assert note is None and (tmp_path / "f.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib" in note and not (tmp_path / "f.png").exists()
+
+
+def test_aggregate_command_writes_every_table(grid, tmp_path, capsys):
+    (grid / "cls45" / "reptile" / "seed9").mkdir(parents=True)
+    (grid / "cls45" / "reptile" / "seed9" / "results.json").write_text("")
+    out = tmp_path / "tables"
+    assert aggregate_main([str(grid), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    for t in ("table1", "table2", "table3"):
+        assert {f"{t}.md", f"{t}.csv", f"{t}.tex"} <= names
+    assert {"figure2.csv", "runs.csv", "tables.md"} <= names
+    log = capsys.readouterr().out
+    assert "skipped corrupt" in log and "seed9" in log
+    assert "corrupt" in (out / "tables.md").read_text()
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(runs) == 39
+    assert aggregate_main([str(grid), "--out", str(out), "--strict"]) == 1
+    # Merging two trees (e.g. two machines) works the same as one.
+    assert aggregate_main([str(grid / "cls45"), str(grid / "nli"), "--out", str(tmp_path / "t2")]) == 0
+    assert (tmp_path / "t2" / "table1.csv").read_text() == (out / "table1.csv").read_text()
+    assert aggregate_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "t3")]) == 1
