@@ -127,6 +127,7 @@ class ABMLLRecipe:
         for f in self.prune_fractions:
             num_pruned(f, 1)  # validates the range, naming the key
         self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.stopped_early = False  # set by stop_after_epoch
         self.cfg = cfg
 
     # ------------------------------------------------------------------ set-up
@@ -367,7 +368,7 @@ class ABMLLRecipe:
 
     # ------------------------------------------------------------------ test and report
     def finish(self) -> Optional[Dict[str, Any]]:
-        if getattr(self, "stopped_early", False):
+        if self.stopped_early:
             return None
         final_adapters = self._adapter_state()
         self._load_adapters(self.best["adapters"])

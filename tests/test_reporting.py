@@ -336,3 +336,22 @@ def test_aggregate_command_writes_every_table(grid, tmp_path, capsys):
     assert aggregate_main([str(grid / "cls45"), str(grid / "nli"), "--out", str(tmp_path / "t2")]) == 0
     assert (tmp_path / "t2" / "table1.csv").read_text() == (out / "table1.csv").read_text()
     assert aggregate_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "t3")]) == 1
+
+
+def test_a_run_without_validation_is_used_for_test_tables(tmp_path):
+    """eval.validate=false writes val_at_best: null; the run still counts for Tables 1-2."""
+    import json
+
+    from abmll.reporting.results import load_results
+
+    run = tmp_path / "runs" / "s" / "abmll" / "seed0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "method": "ABMLL", "split": "s", "seed": 0, "finished": True, "best_epoch": 1,
+        "val_at_best": None, "history": [{"epoch": 1}],
+        "test": {"mean": {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}},
+        "config": {"learner": {"beta": 1e-8}},
+    }))
+    results = load_results(tmp_path)
+    assert len(results.runs) == 1 and not results.problems
+    assert results.runs[0].val_at_best == {}

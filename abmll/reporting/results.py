@@ -128,7 +128,9 @@ class RunResult:
 
     @property
     def val_at_best(self) -> Dict[str, float]:
-        return self.data["val_at_best"]
+        """Validation metrics of the best epoch; empty for a run without validation
+        (``eval.validate=false``, which tests the last epoch)."""
+        return self.data["val_at_best"] or {}
 
     @property
     def pruning(self) -> Dict[float, Dict[str, float]]:
@@ -207,7 +209,8 @@ def _check_results(data: Any) -> Optional[str]:
     for metric in ("accuracy", "ece"):
         if not isinstance(test["mean"].get(metric), (int, float)):
             return f"missing test.mean.{metric}"
-        if not isinstance((data.get("val_at_best") or {}).get(metric), (int, float)):
+        val = data["val_at_best"]
+        if val is not None and not isinstance(val.get(metric) if isinstance(val, dict) else None, (int, float)):
             return f"missing val_at_best.{metric}"
     return None
 
