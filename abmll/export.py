@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -15,6 +14,8 @@ from torchtune.models.convert_weights import (
     tune_to_peft_adapter_weights,
 )
 from torchtune.modules import MultiHeadAttention
+
+from abmll.atomic import atomic_write, atomic_write_text
 
 
 def save_peft_adapter(
@@ -47,9 +48,6 @@ def save_peft_adapter(
     config.update({"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none"})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "adapter_model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-    os.replace(tmp, out_dir / "adapter_model.safetensors")
-    tmp = out_dir / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out_dir / "adapter_config.json")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2))

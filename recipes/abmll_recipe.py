@@ -37,6 +37,7 @@ from tqdm import tqdm
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
 
+from abmll.atomic import atomic_write, atomic_write_text
 from abmll.data import TaskSampler, load_split, option_token_ids
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
@@ -61,18 +62,6 @@ class RecipeConfigError(ValueError):
     """A bad config value or path; reported as one line naming the key."""
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _instantiate(node: DictConfig, key: str, hint: str = ""):
     """``config.instantiate`` with one-line errors that name the config key."""
     if not isinstance(node, DictConfig) or "_component_" not in node:
@@ -80,8 +69,6 @@ def _instantiate(node: DictConfig, key: str, hint: str = ""):
     component = node.get("_component_")
     try:
         return config.instantiate(node)
-    except RecipeConfigError:
-        raise
     except ValueError as err:
         # Our components name their own key ("learner.beta must be ..."); keep their words.
         raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
@@ -283,7 +270,7 @@ class ABMLLRecipe:
             },
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        _atomic_torch_save(state, self.ckpt_dir / CHECKPOINT_FILE)
+        atomic_write(self.ckpt_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, sampler: TaskSampler, desc: str) -> Dict[str, Any]:
@@ -399,7 +386,7 @@ class ABMLLRecipe:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "finished": True,
         }
-        _atomic_write_text(json.dumps(results, indent=2), self.output_dir / RESULTS_FILE)
+        atomic_write_text(self.output_dir / RESULTS_FILE, json.dumps(results, indent=2))
         log.info(
             f"test (best epoch {self.best['epoch']}): accuracy {test['mean']['accuracy']:.4f} "
             f"ece {test['mean']['ece']:.4f}; wrote {self.output_dir / RESULTS_FILE}"

@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence
 
 from .figure2 import figure2_csv, figure2_curves, save_figure2_png
 from .results import ResultSet, canonical_method, load_results
+from abmll.atomic import atomic_write_text
+
 from .tables import DEFAULT_ALPHA, Table, table1, table2, table3
 
 __all__ = ["write_table", "write_figure2", "write_runs_csv", "problems_markdown", "aggregate", "main"]
@@ -24,10 +26,7 @@ __all__ = ["write_table", "write_figure2", "write_runs_csv", "problems_markdown"
 
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_table(table: Table, out_dir: Path, *, latex: bool = True) -> List[Path]:
