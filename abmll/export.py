@@ -16,6 +16,7 @@ from torchtune.models.convert_weights import (
 from torchtune.modules import MultiHeadAttention
 
 from abmll.atomic import atomic_write, atomic_write_text
+from abmll.modules.names import clean_name
 
 
 def save_peft_adapter(
@@ -32,6 +33,9 @@ def save_peft_adapter(
     converter maps them to Hugging Face names and permutes the q/k ``lora_B`` rows into
     Hugging Face's rotary layout, using the attention shape read off ``model``.
     """
+    # torchtune's converter knows only unwrapped names: accept names read off a model under
+    # activation checkpointing too (abmll.modules.names).
+    adapter = {clean_name(k): v for k, v in adapter.items()}
     attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
     weights = tune_to_peft_adapter_weights(
         adapter,

@@ -42,6 +42,7 @@ from abmll.data import TaskSampler, load_split, option_token_ids
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
 from abmll.modules import gaussian_lora_modules, set_gaussian_mode
+from abmll.modules.names import clean_name
 
 log = utils.get_logger("INFO")
 
@@ -54,8 +55,18 @@ KNOWN_LEARNERS = (
     "abmll.learners.RegularLoRA",
     "abmll.learners.Pretrained",
 )
-# Keys a resumed run may change without changing the trajectory it continues.
-_RESUME_MUTABLE_KEYS = ("epochs", "stop_after_epoch", "resume_from_checkpoint", "overwrite", "metric_logger")
+# Keys a resumed run may change without changing the trajectory it continues. Activation
+# checkpointing only trades memory for recomputation (the recomputed forward replays the same
+# RNG state; only floating-point rounding differs), and adapter names do not depend on it
+# (abmll.modules.names), so a run may resume with it on or off.
+_RESUME_MUTABLE_KEYS = (
+    "epochs",
+    "stop_after_epoch",
+    "resume_from_checkpoint",
+    "overwrite",
+    "metric_logger",
+    "enable_activation_checkpointing",
+)
 
 
 class RecipeConfigError(ValueError):
@@ -141,13 +152,19 @@ class ABMLLRecipe:
             seed=self.seed,
             chat_template=chat,
         )
+        eval_bs = data.get("eval_batch_size", None)
+        if eval_bs is not None and int(eval_bs) < 1:
+            raise RecipeConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_bs}")
         self.train_sampler = TaskSampler(self.split.train, self._tokenizer, **sampler_kw)
-        self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **sampler_kw)
-        self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **sampler_kw)
+        # Support batches stay at data.batch_size (the adaptation steps are training steps);
+        # evaluation batches take data.eval_batch_size (default: data.batch_size).
+        eval_kw = dict(sampler_kw, eval_batch_size=None if eval_bs is None else int(eval_bs))
+        self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **eval_kw)
+        self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **eval_kw)
 
         self.learner = self._instantiate_learner(cfg.learner)
         self.model = self._setup_model(cfg)
-        self.learner.setup(self.model, self._device)
+        self.learner.setup(self.model, self._device, compute_dtype=self._dtype)
         self.num_support = self.learner.inner_steps
         log.info(
             f"{type(self.learner).__name__} on split {self.split.name}: "
@@ -237,10 +254,20 @@ class ABMLLRecipe:
 
     # ------------------------------------------------------------------ state
     def _adapter_state(self) -> Dict[str, torch.Tensor]:
+        # Keyed by clean names (no activation checkpointing prefix): see abmll.modules.names.
         return {k: p.detach().cpu().clone() for k, p in self.learner.adapter_params.items()}
 
     @torch.no_grad()
     def _load_adapters(self, state: Dict[str, torch.Tensor]) -> None:
+        # Checkpoints written before adapter names were cleaned carry the wrapper's prefix.
+        state = {clean_name(k): v for k, v in state.items()}
+        missing = [k for k in self.learner.adapter_params if k not in state]
+        if missing:
+            raise RecipeConfigError(
+                f"resume_from_checkpoint: the checkpoint has no adapter {missing[0]!r} "
+                f"({len(missing)} of {len(self.learner.adapter_params)} missing); it was written "
+                f"for another model._component_ or lora_attn_modules"
+            )
         for k, p in self.learner.adapter_params.items():
             p.copy_(state[k].to(p.device, p.dtype))
 
@@ -355,25 +382,35 @@ class ABMLLRecipe:
 
     # ------------------------------------------------------------------ test and report
     def finish(self) -> Optional[Dict[str, Any]]:
+        """Test the best epoch's adapters, then the optional steps (pruning, PEFT export).
+
+        ``results.json`` is written as soon as the test is measured and rewritten after each
+        optional step, so a failing optional step cannot lose what was measured before it:
+        the failure is logged, recorded under ``errors`` and turns the exit status non-zero
+        (``self.errors``), and the remaining steps still run.
+        """
         if self.stopped_early:
             return None
+        self.errors: Dict[str, str] = {}
         final_adapters = self._adapter_state()
         self._load_adapters(self.best["adapters"])
         test = self.evaluate(self.test_sampler, "test")
         self._log_eval("test", test, self.best["epoch"])
-        pruning = {}
-        for fraction in self.prune_fractions:
-            # The whole test evaluation (adaptation and prediction) runs on the pruned model.
-            with prune_hidden_units(self.model, fraction):
-                pruned = self.evaluate(self.test_sampler, f"test pruned {fraction:g}")
-            pruning[f"{fraction:g}"] = pruned["mean"]
-            self._log_eval(f"test_pruned_{fraction:g}", pruned, self.best["epoch"])
+        self._results = self._results_dict(test)
+        self._write_results()
+        log.info(
+            f"test (best epoch {self.best['epoch']}): accuracy {test['mean']['accuracy']:.4f} "
+            f"ece {test['mean']['ece']:.4f}; wrote {self.output_dir / RESULTS_FILE}"
+        )
+        if self.prune_fractions:
+            self._optional_step("pruning", self._evaluate_pruning)
         if self.learner.adapter_kind is not None:
-            self._export_peft(self.output_dir / "adapter_best")
-            self._load_adapters(final_adapters)
-            self._export_peft(self.output_dir / "adapter_final")
-        results = {
-            "method": type(self.learner).__name__,
+            self._optional_step("export", lambda: self._export_adapters(final_adapters))
+        return self._results
+
+    def _results_dict(self, test: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "method": self.learner.method_name,
             "learner": self.cfg.learner.get("_component_"),
             "split": self.split.name,
             "seed": self.seed,
@@ -381,17 +418,39 @@ class ABMLLRecipe:
             "epochs": self.epochs,
             "val_at_best": self.best["val"],
             "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
-            "pruning": pruning,
+            "pruning": {},
             "history": self.history,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            # The test is measured: the run's result is final even if an optional step fails.
             "finished": True,
+            "errors": self.errors,
         }
-        atomic_write_text(self.output_dir / RESULTS_FILE, json.dumps(results, indent=2))
-        log.info(
-            f"test (best epoch {self.best['epoch']}): accuracy {test['mean']['accuracy']:.4f} "
-            f"ece {test['mean']['ece']:.4f}; wrote {self.output_dir / RESULTS_FILE}"
-        )
-        return results
+
+    def _write_results(self) -> None:
+        atomic_write_text(self.output_dir / RESULTS_FILE, json.dumps(self._results, indent=2))
+
+    def _optional_step(self, name: str, step) -> None:
+        """Run ``step``; on failure log it and record it in results.json instead of raising."""
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - any failure here must not lose the results
+            log.exception(f"{name} failed; {self.output_dir / RESULTS_FILE} keeps the test results")
+            self.errors[name] = f"{type(err).__name__}: {str(err).strip()}"
+            self._write_results()
+
+    def _evaluate_pruning(self) -> None:
+        for fraction in self.prune_fractions:
+            # The whole test evaluation (adaptation and prediction) runs on the pruned model.
+            with prune_hidden_units(self.model, fraction):
+                pruned = self.evaluate(self.test_sampler, f"test pruned {fraction:g}")
+            self._results["pruning"][f"{fraction:g}"] = pruned["mean"]
+            self._log_eval(f"test_pruned_{fraction:g}", pruned, self.best["epoch"])
+            self._write_results()  # each finished fraction is kept even if a later one fails
+
+    def _export_adapters(self, final_adapters: Dict[str, torch.Tensor]) -> None:
+        self._export_peft(self.output_dir / "adapter_best")  # the best adapters are loaded
+        self._load_adapters(final_adapters)
+        self._export_peft(self.output_dir / "adapter_final")
 
     def _export_peft(self, out_dir: Path) -> None:
         """The (global mean) adapter as a PEFT LoRA: adapter_config.json + adapter_model.safetensors."""
@@ -414,7 +473,15 @@ class ABMLLRecipe:
 
 
 def _is_finished(cfg: DictConfig) -> bool:
-    return (Path(cfg.output_dir) / RESULTS_FILE).exists() and bool(cfg.get("resume_from_checkpoint", False))
+    """A resumed run whose results.json exists has nothing left to do, unless an optional step
+    (pruning, export) failed: then resuming redoes the end of the run from the last checkpoint."""
+    results = Path(cfg.output_dir) / RESULTS_FILE
+    if not (results.exists() and bool(cfg.get("resume_from_checkpoint", False))):
+        return False
+    try:
+        return not json.loads(results.read_text()).get("errors")
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: leave it for the user rather than overwrite it
 
 
 @config.parse
@@ -429,8 +496,18 @@ def recipe_main(cfg: DictConfig) -> None:
         print(f"abmll_recipe: error: {err}", file=sys.stderr)
         sys.exit(2)
     recipe.train()
-    recipe.finish()
+    results = recipe.finish()
     recipe.cleanup()
+    if results and results["errors"]:
+        # An optional step failed after the test was measured: the results are kept, but the
+        # run did not do all it was asked to, and a script or sweep must be able to tell.
+        failed = "; ".join(f"{k} failed ({v.splitlines()[0]})" for k, v in results["errors"].items())
+        print(
+            f"abmll_recipe: error: {failed}; {Path(cfg.output_dir) / RESULTS_FILE} keeps the test "
+            f"results (resume_from_checkpoint=True redoes the end of the run)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def _resolve_config_arg(argv: List[str]) -> List[str]:

@@ -106,3 +106,21 @@ def test_adaptation_split_disjoint_and_deterministic():
     assert len(_ids(ev3, s, "task0")) == 7 and set(_ids(ev3, s, "task0")) <= set(ei)
     with pytest.raises(ValueError, match="task0"):
         _sampler(_tasks(n=10)).adaptation_split("task0", num_support=5, max_eval_examples=None)
+
+
+def test_eval_batches_take_eval_batch_size_grouped_by_length_same_examples():
+    """Evaluation batches: eval_batch_size, sorted by length; the same examples as with the
+    training batch size; support batches keep the training batch size."""
+    tasks = _tasks(n=40)
+    small = _sampler(tasks)
+    big = TaskSampler(tasks, small.tokenizer, batch_size=2, max_seq_len=256, seed=0, eval_batch_size=8)
+    sup_s, ev_s = small.adaptation_split("task0", 3, 20)
+    sup_b, ev_b = big.adaptation_split("task0", 3, 20)
+    assert _ids(sup_s, small, "task0") == _ids(sup_b, big, "task0")
+    assert [len(b["label"]) for b in ev_s] == [2] * 10
+    assert [len(b["label"]) for b in ev_b] == [8, 8, 4]
+    assert sorted(_ids(ev_s, small, "task0")) == sorted(_ids(ev_b, big, "task0"))
+    lengths = [int(p) + 1 for b in ev_b for p in b["answer_pos"]]  # the answer is the last token
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        TaskSampler(tasks, small.tokenizer, batch_size=2, max_seq_len=64, seed=0, eval_batch_size=0)

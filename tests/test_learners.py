@@ -185,3 +185,36 @@ def test_learner_rejects_a_model_of_the_wrong_kind():
 def test_nonsense_hyperparameters_name_their_key(make, key):
     with pytest.raises(ValueError, match=key):
         make()
+
+
+# --- the outer step's two readings (learner.outer_gradient) --------------------------------
+
+
+def test_outer_gradient_is_validated_and_defaults_to_the_module_constant():
+    from abmll.learners.abmll import DEFAULT_OUTER_GRADIENT, OUTER_GRADIENTS
+
+    assert ABMLL().outer_gradient == DEFAULT_OUTER_GRADIENT in OUTER_GRADIENTS
+    for reading in OUTER_GRADIENTS:
+        assert ABMLL(outer_gradient=reading).outer_gradient == reading
+    with pytest.raises(ValueError) as err:
+        ABMLL(outer_gradient="second_order")
+    assert str(err.value) == (
+        "learner.outer_gradient must be one of ('kl_only', 'first_order'), got 'second_order'"
+    )
+
+
+def test_abmll_first_order_theta_gets_the_nll_gradient(sampler):
+    """The counterpart of the kl_only test above: with beta = 0 only the NLL is left, and
+    under first_order it reaches theta, through the phi gradient it adds to theta's."""
+    model, learner = _abmll_setup(seed=1, outer_gradient="first_order")
+    learner.beta = 0.0
+    episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
+    theta0 = _snapshot(learner.theta)
+    logs = learner.train_episode(episode)
+    assert any(_changed(theta0, learner.theta))
+    assert logs["outer_nll_grad_norm"] > 0
+    assert all(p.grad is None for p in learner.theta + learner.phi)
+    for _, layer in gaussian_lora_modules(model):  # and phi <- theta still follows
+        for src, dst in (("mu_theta", "mu_phi"), ("lv_theta", "lv_phi")):
+            for s, d in zip(layer.factors(src), layer.factors(dst)):
+                assert torch.equal(s, d)

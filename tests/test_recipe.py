@@ -141,3 +141,121 @@ def test_without_validation_the_last_epoch_is_tested(run_recipe, tmp_path):
     assert res["best_epoch"] == 2 and res["val_at_best"] is None
     assert all("val" not in h for h in res["history"])
     assert 0.0 <= res["test"]["mean"]["accuracy"] <= 1.0
+
+
+def _clean_adapter_names(path: Path):
+    import torch
+
+    state = torch.load(path / "checkpoints" / "recipe_state.pt", map_location="cpu", weights_only=False)
+    return [k for k in list(state["adapters"]) + list(state["best"]["adapters"]) if "_checkpoint" in k]
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}[{i}]").items()}
+    return {prefix: tree}
+
+
+def test_resume_with_activation_checkpointing_switched_either_way_matches(run_recipe, tmp_path):
+    # Checkpointing the activations recomputes the forward with the same RNG state, and adapter
+    # names do not carry the wrapper's prefix: a run may switch it on resume. The backward
+    # through recomputed activations rounds differently, so the numbers match to rounding.
+    args = ["--config", "tiny/abmll", "epochs=2", "data.max_eval_examples_per_task=8"]
+    full = tmp_path / "full"
+    _ok(run_recipe(*args, f"output_dir={full}"))
+    expected = _flat(_numbers(_results(full)))
+    for first, then in (("True", "False"), ("False", "True")):
+        out = tmp_path / f"ac{first}_then{then}"
+        _ok(run_recipe(*args, f"output_dir={out}", "stop_after_epoch=1",
+                       f"enable_activation_checkpointing={first}"))
+        assert _clean_adapter_names(out) == []
+        _ok(run_recipe(*args, f"output_dir={out}", "resume_from_checkpoint=True",
+                       f"enable_activation_checkpointing={then}"))
+        got = _flat(_numbers(_results(out)))
+        assert got.keys() == expected.keys()
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (first, then)
+        assert _results(out)["config"]["enable_activation_checkpointing"] is (then == "True")
+        assert (out / "adapter_best" / "adapter_model.safetensors").exists()
+
+
+def test_a_failed_export_keeps_the_results_and_exits_non_zero(run_recipe, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_best").write_text("a file where the adapter directory should go")
+    args = ["--config", "tiny/regular_lora", f"output_dir={out}", "epochs=1"]
+    proc = run_recipe(*args)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    res = _results(out)
+    assert res["finished"] and 0.0 <= res["test"]["mean"]["accuracy"] <= 1.0
+    assert set(res["errors"]) == {"export"} and "adapter_best" in res["errors"]["export"]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("abmll_recipe: error:")]
+    assert len(errors) == 1 and "export" in errors[0], proc.stderr[-3000:]
+
+    # Resuming redoes the end of the run (same test numbers) and now exports.
+    (out / "adapter_best").unlink()
+    _ok(run_recipe(*args, "resume_from_checkpoint=True"))
+    again = _results(out)
+    assert again["errors"] == {} and again["test"] == res["test"]
+    assert (out / "adapter_best" / "adapter_model.safetensors").exists()
+    # A run that finished without errors has nothing left to do on resume.
+    proc = _ok(run_recipe(*args, "resume_from_checkpoint=True"))
+    assert "nothing to do" in proc.stderr + proc.stdout
+
+
+def test_a_failed_pruning_fraction_keeps_the_earlier_ones_and_still_exports(tmp_path, monkeypatch):
+    from importlib.resources import files
+
+    import abmll_recipe
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(str(files("abmll.configs").joinpath("tiny/reptile.yaml")))
+    cfg.merge_with({"output_dir": str(tmp_path / "run"), "epochs": 1,
+                    "eval": {"prune_fractions": [0.1, 0.5]}, "data": {"max_eval_examples_per_task": 4}})
+    real = abmll_recipe.prune_hidden_units
+
+    def prune(model, fraction):
+        if fraction == 0.5:
+            raise RuntimeError("pruning broke at 0.5")
+        return real(model, fraction)
+
+    monkeypatch.setattr(abmll_recipe, "prune_hidden_units", prune)
+    recipe = abmll_recipe.ABMLLRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.finish()
+    recipe.cleanup()
+    res = _results(tmp_path / "run")
+    assert list(res["pruning"]) == ["0.1"] and "accuracy" in res["pruning"]["0.1"]
+    assert res["errors"] == {"pruning": "RuntimeError: pruning broke at 0.5"}
+    assert recipe.errors == res["errors"]
+    assert (tmp_path / "run" / "adapter_final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("builder,learner", [("gaussian_lora_tiny_llama", "ABMLL"), ("lora_tiny_llama", "Reptile")])
+def test_adapter_names_and_trainable_params_do_not_depend_on_activation_checkpointing(builder, learner):
+    import torch
+    from torchtune import modules, training
+
+    import abmll.learners
+    import abmll.models
+
+    def setup(checkpointing: bool):
+        torch.manual_seed(0)
+        model = getattr(abmll.models, builder)()
+        if checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        ln = getattr(abmll.learners, learner)()
+        ln.setup(model, torch.device("cpu"))
+        trainable = sorted(n.replace("_checkpoint_wrapped_module.", "")
+                           for n, p in model.named_parameters() if p.requires_grad)
+        return ln, trainable
+
+    plain, plain_trainable = setup(False)
+    wrapped, wrapped_trainable = setup(True)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.model.named_modules())
+    assert list(wrapped.adapter_params) == list(plain.adapter_params)
+    assert wrapped_trainable == plain_trainable and len(plain_trainable) > 0
+    assert set(wrapped.export_adapter()) == set(plain.export_adapter())
+    assert not [k for k in wrapped.export_adapter() if "_checkpoint" in k]

@@ -355,3 +355,39 @@ def test_a_run_without_validation_is_used_for_test_tables(tmp_path):
     results = load_results(tmp_path)
     assert len(results.runs) == 1 and not results.problems
     assert results.runs[0].val_at_best == {}
+
+
+# ----------------------------------------------------------------------------- method comparison
+def test_comparison_variants_pairs_and_per_task(tmp_path):
+    """Variants are their own rows; pairs carry Welch's p; per-task cells average over seeds."""
+    from abmll.reporting.compare import comparison_csv, comparison_markdown, method_runs, per_task_tables
+
+    root = tmp_path / "runs"
+    accs = {"Pretrained": [0.40, 0.40, 0.40], "PretrainedTTA": [0.42, 0.44, 0.43],
+            "ABMLL": [0.50, 0.52, 0.51], "ABMLL-FO": [0.49, 0.55, 0.43]}
+    for method, vals in accs.items():
+        for seed, acc in enumerate(vals):
+            out = fake_run(root, "s", method, seed, acc, 0.1 + seed / 100, dirname=method.lower(), epochs=1)
+            data = json.loads((out / "results.json").read_text())
+            data["test"]["per_task"] = {"t1": {"accuracy": acc + 0.1, "ece": 0.2}, "t2": {"accuracy": acc - 0.1, "ece": 0.3}}
+            if method == "ABMLL-FO":
+                data["config"]["learner"]["beta"] = 1e-8
+            (out / "results.json").write_text(json.dumps(data))
+    results = load_results(root)
+    assert not results.problems
+    by_method = method_runs(results, "s")
+    assert list(by_method) == ["Pretrained", "PretrainedTTA", "ABMLL", "ABMLL-FO"]
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(comparison_csv(by_method)))}
+    assert float(rows["ABMLL"]["accuracy_mean"]) == pytest.approx(0.51)
+    assert float(rows["ABMLL"]["accuracy_se"]) == pytest.approx(summarize([0.50, 0.52, 0.51]).se, abs=1e-6)
+    assert rows["ABMLL-FO"]["label"] == "ABMLL (first-order)" and rows["PretrainedTTA"]["label"] == "Pretrained + TTA"
+    md = comparison_markdown(by_method, "s")
+    p = welch_t_test(accs["ABMLL"], accs["PretrainedTTA"]).p_value
+    line = next(l for l in md.splitlines() if l.startswith("| Pretrained + TTA | ABMLL |"))
+    assert f"{p:.3f}" in line and "-8.0" in line  # 43 - 51 points
+    noisy = next(l for l in md.splitlines() if l.startswith("| ABMLL | ABMLL (first-order) |"))
+    assert "*" not in noisy.split("|")[4]  # 51 vs 49 +- 3.5: not separable
+    task_md, task_csv = per_task_tables(by_method, "s")
+    t1 = [r for r in csv.DictReader(io.StringIO(task_csv)) if r["task"] == "t1" and r["method"] == "ABMLL"][0]
+    assert float(t1["accuracy_mean"]) == pytest.approx(0.61) and t1["n_seeds"] == "3"
+    assert "| t2 |" in task_md

@@ -42,15 +42,20 @@ class TaskSampler:
         max_seq_len: int,
         seed: int,
         chat_template: bool = False,
+        eval_batch_size: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         empty = [t for t, exs in tasks.items() if not exs]
         if empty:
             raise ValueError(f"tasks with no examples: {empty}")
         self.tasks = tasks
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
+        # Evaluation needs no gradients, so it can take larger batches than training.
+        self.eval_batch_size = int(eval_batch_size or batch_size)
         self.max_seq_len = int(max_seq_len)
         self.seed = seed
         self.chat_template = chat_template
@@ -103,8 +108,11 @@ class TaskSampler:
         self, task: str, num_support: int, max_eval_examples: int | None
     ) -> tuple[list[dict], list[dict]]:
         """Test-time split of ``task``: ``num_support`` support batches for adaptation and the
-        rest of the task (at most ``max_eval_examples``) as evaluation batches. Deterministic
-        given ``seed`` (independent of the epoch); evaluation never sees a support example."""
+        rest of the task (at most ``max_eval_examples``) as evaluation batches of
+        ``eval_batch_size``, grouped by length so that little of a batch is padding (examples are
+        right-padded and attention is causal, so padding does not change an example's
+        prediction). Deterministic given ``seed`` (independent of the epoch); evaluation never
+        sees a support example."""
         exs = self._check_task(task)
         n_s = num_support * self.batch_size
         if len(exs) < n_s + 1:
@@ -118,4 +126,8 @@ class TaskSampler:
             if int(max_eval_examples) < 1:
                 raise ValueError(f"max_eval_examples must be >= 1 or None, got {max_eval_examples}")
             rest = rest[: int(max_eval_examples)]
-        return self._batches([(task, i) for i in support]), self._batches([(task, i) for i in rest])
+        rest = sorted(rest, key=lambda i: len(self.tokenized(task, i)["tokens"]))
+        return (
+            self._batches([(task, i) for i in support]),
+            self._batches([(task, i) for i in rest], self.eval_batch_size),
+        )

@@ -71,7 +71,7 @@ def evaluate_unseen_tasks(
     all_probs, all_labels = [], []
     for task in tqdm(tasks or sampler.task_names, desc=desc, leave=False):
         support, eval_batches = sampler.adaptation_split(task, num_support, max_eval_examples)
-        with learner.adapted(support):
+        with learner.adapted(support), learner.autocast():
             probs = torch.cat(
                 [
                     predict_option_probs(learner.model, b, option_ids, num_samples, learner.device)

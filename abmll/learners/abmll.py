@@ -6,10 +6,25 @@ from typing import Dict, Iterator, List
 
 import torch
 from torch import nn
+from torchtune import utils
 
 from abmll.learners.base import Batch, Episode, Learner, _check_positive
 from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
+from abmll.modules.names import clean_name
 from abmll.objectives import model_kl, model_neg_log_prior
+
+log = utils.get_logger("INFO")
+
+#: The two readings of the outer step's NLL gradient w.r.t. theta (see ``ABMLL``).
+OUTER_GRADIENTS = ("kl_only", "first_order")
+#: The default reading; the one place to change it.
+DEFAULT_OUTER_GRADIENT = "kl_only"
+
+
+def _grad_norm(params: List[nn.Parameter]) -> float:
+    """l2 norm of the gradients of ``params`` (those that have one)."""
+    sq = sum(p.grad.float().square().sum() for p in params if p.grad is not None)
+    return float(sq) ** 0.5 if torch.is_tensor(sq) else 0.0
 
 
 class ABMLL(Learner):
@@ -17,23 +32,30 @@ class ABMLL(Learner):
 
     Per task: K inner AdamW steps on the task pairs phi with ``NLL + beta*KL(q||p(phi|theta))``;
     one outer AdamW step on the global pairs theta with
-    ``NLL + beta*KL(q||p(phi|theta)) + beta*(-log p(theta))``; then phi <- theta.
+    ``L = NLL + beta*KL(q||p(phi|theta)) + beta*(-log p(theta))`` at phi_K; then phi <- theta.
 
-    The NLL depends on phi only (the forward samples from q), so it gives theta no gradient:
-    the outer step's NLL on the query batch is computed without autograd and only logged,
-    and theta moves through the two KL terms. No second-order terms.
+    The forward samples from q, so the NLL depends on phi only. How theta sees it is
+    ``outer_gradient`` (no second-order terms in either):
+
+    - ``"kl_only"``: phi and theta are separate tensors, so autograd gives theta no NLL
+      gradient. The query NLL is computed without autograd and only logged; theta moves
+      through dKL/dtheta and the prior.
+    - ``"first_order"``: ABML's outer step with a first-order Jacobian,
+      ``phi_K = theta + stop_grad(phi_K - theta)``: theta's gradient is
+      ``dL/dtheta + dL/dphi`` at phi_K. One more forward/backward on the query batches.
 
     Args:
         inner_steps: K, inner steps per task (and test-time adaptation steps).
         inner_lr / outer_lr / test_lr: AdamW learning rates (paper: 1e-5 / 5e-5 / 1e-5).
         beta: weight of both KL terms (paper: 1e-8).
         a0, b0: shape and rate of the Gamma prior on the precision exp(-lv_theta).
-        num_query_batches: query batches drawn for the outer step's (logged) NLL.
+        num_query_batches: query batches of the outer step's NLL (averaged).
         reset_inner_optimizer: start each task's inner loop with fresh AdamW moments, as
             phi restarts from theta (default True).
         kl_chunk_rows: rows of each layer's dense matrices built at once for KL and prior.
         test_time_adaptation: adapt phi on K support batches before evaluating unseen tasks.
         weight_decay: AdamW weight decay for every optimizer (paper: not used; 0).
+        outer_gradient: ``"kl_only"`` or ``"first_order"`` (see above).
     """
 
     adapter_kind = "gaussian"
@@ -52,8 +74,13 @@ class ABMLL(Learner):
         kl_chunk_rows: int = 1024,
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
+        outer_gradient: str = DEFAULT_OUTER_GRADIENT,
     ):
         super().__init__(inner_steps, test_lr, test_time_adaptation, weight_decay)
+        if outer_gradient not in OUTER_GRADIENTS:
+            raise ValueError(
+                f"learner.outer_gradient must be one of {OUTER_GRADIENTS}, got {outer_gradient!r}"
+            )
         _check_positive("inner_lr", inner_lr)
         _check_positive("outer_lr", outer_lr)
         _check_positive("beta", beta, allow_zero=True)
@@ -69,15 +96,30 @@ class ABMLL(Learner):
         self.num_query_batches = int(num_query_batches)
         self.reset_inner_optimizer = bool(reset_inner_optimizer)
         self.kl_chunk_rows = int(kl_chunk_rows)
+        self.outer_gradient = str(outer_gradient)
 
-    def setup(self, model: nn.Module, device: torch.device) -> None:
-        super().setup(model, device)
+    @property
+    def method_name(self) -> str:
+        # Each reading of the outer step is its own row in the tables.
+        return "ABMLL" if self.outer_gradient == "kl_only" else "ABMLL-FO"
+
+    def setup(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().setup(model, device, compute_dtype)
         layers = [m for _, m in gaussian_lora_modules(model)]
         self.theta: List[nn.Parameter] = [p for m in layers for p in m.pair_params(THETA_PAIRS)]
         self.phi: List[nn.Parameter] = [p for m in layers for p in m.pair_params(PHI_PAIRS)]
         self.layers = layers
+        # (theta, phi) factor pairs, matched by name as copy_theta_to_phi matches them:
+        # first_order adds each phi factor's gradient into its theta factor.
+        self.theta_phi_pairs = [
+            (getattr(m, f"lora_{t}_{ab}").weight, getattr(m, f"lora_{f}_{ab}").weight)
+            for m in layers
+            for t, f in zip(THETA_PAIRS, PHI_PAIRS)
+            for ab in ("a", "b")
+        ]
         self.inner_optimizer = self._adamw(self.phi, self.inner_lr)
         self.outer_optimizer = self._adamw(self.theta, self.outer_lr)
+        log.info(f"ABMLL outer step: outer_gradient={self.outer_gradient}")
 
     # --- losses ---------------------------------------------------------------------------
     def kl(self) -> torch.Tensor:
@@ -108,21 +150,8 @@ class ABMLL(Learner):
             yield Episode(task, support, query)
 
     def train_episode(self, episode: Episode) -> Dict[str, float]:
-        if self.reset_inner_optimizer:
-            self.inner_optimizer = self._adamw(self.phi, self.inner_lr)
-        # Inner loop: phi only.
-        self._train_only(self.phi)
-        inner = self._sgd_steps(self.inner_optimizer, episode.support, self.inner_loss)
-        # Outer step: theta only. The NLL has no gradient w.r.t. theta: log it, don't backprop it.
-        self._train_only(self.theta)
-        with torch.no_grad():
-            query_nlls = [self.nll(b).item() for b in episode.query]
-        query_nll = sum(query_nlls) / len(query_nlls) if query_nlls else float("nan")
-        kl = self.kl()
-        prior = self.neg_log_prior()
-        (self.beta * (kl + prior)).backward()
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
+        inner = self._inner_loop(episode.support)
+        outer = self._outer_step(episode.query)
         # phi <- theta
         for layer in self.layers:
             layer.copy_theta_to_phi()
@@ -131,13 +160,70 @@ class ABMLL(Learner):
         return {
             "inner_nll": sum(d["nll"] for d in inner) / n,
             "inner_kl": sum(d["kl"] for d in inner) / n,
+            **outer,
+            "lr_inner": self.inner_lr,
+            "lr_outer": self.outer_lr,
+        }
+
+    def _inner_loop(self, support: List[Batch]) -> List[Dict[str, float]]:
+        """K AdamW steps on phi only, with ``NLL + beta*KL``."""
+        if self.reset_inner_optimizer:
+            self.inner_optimizer = self._adamw(self.phi, self.inner_lr)
+        self._train_only(self.phi)
+        return self._sgd_steps(self.inner_optimizer, support, self.inner_loss)
+
+    def _outer_step(self, query: List[Batch]) -> Dict[str, float]:
+        """One AdamW step on theta with ``NLL(query; phi_K) + beta*(KL + -log p(theta))``.
+
+        Leaves phi as it was (the caller copies theta into it) and no gradients behind.
+        """
+        logs: Dict[str, float] = {}
+        if self.outer_gradient == "kl_only":
+            self._train_only(self.theta)
+            # The NLL has no gradient w.r.t. theta: log it, don't backprop it.
+            with torch.no_grad():
+                query_nlls = [self.nll(b).item() for b in query]
+            query_nll = sum(query_nlls) / len(query_nlls) if query_nlls else float("nan")
+        else:
+            # Gradients on phi and theta; phi's is added into theta's below.
+            self._train_only(self.theta + self.phi)
+            query_nll = self._query_nll_backward(query)
+            logs["outer_nll_grad_norm"] = _grad_norm(self.phi)
+        kl = self.kl()
+        prior = self.neg_log_prior()
+        (self.beta * (kl + prior)).backward()
+        if self.outer_gradient == "first_order":
+            self._add_phi_grad_to_theta()
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        return {
             "query_nll": query_nll,
             "outer_kl": kl.item(),
             "neg_log_prior": prior.item(),
             "outer_loss": query_nll + self.beta * (kl.item() + prior.item()),
-            "lr_inner": self.inner_lr,
-            "lr_outer": self.outer_lr,
+            **logs,
         }
+
+    def _query_nll_backward(self, query: List[Batch]) -> float:
+        """Backward of the mean query NLL, one batch at a time (one graph alive at once)."""
+        total = 0.0
+        for batch in query:
+            nll = self.nll(batch)
+            (nll / len(query)).backward()
+            total += nll.item()
+        return total / len(query) if query else float("nan")
+
+    @torch.no_grad()
+    def _add_phi_grad_to_theta(self) -> None:
+        """theta.grad += phi.grad, pairwise: the first-order Jacobian d phi_K / d theta = I."""
+        for theta, phi in self.theta_phi_pairs:
+            if phi.grad is None:
+                continue
+            if theta.grad is None:
+                theta.grad = phi.grad.clone()
+            else:
+                theta.grad.add_(phi.grad)
+            phi.grad = None
 
     # --- state / export -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
@@ -155,6 +241,7 @@ class ABMLL(Learner):
         out = {}
         for name, layer in gaussian_lora_modules(self.model):
             b, a = layer.factors("mu_theta")
+            name = clean_name(name)  # same names with activation checkpointing on or off
             out[f"{name}.lora_a.weight"] = a.detach().cpu().clone()
             out[f"{name}.lora_b.weight"] = b.detach().cpu().clone()
         return out

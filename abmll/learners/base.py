@@ -18,6 +18,7 @@ from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
 from abmll.modules import GaussianLoRALinear
+from abmll.modules.names import named_adapter_params
 from abmll.objectives import model_answer_nll
 
 Batch = Dict[str, torch.Tensor]
@@ -50,6 +51,11 @@ class Learner:
 
     adapter_kind: Optional[str] = None
 
+    @property
+    def method_name(self) -> str:
+        """The method as results and tables name it (a variant of a class gets its own name)."""
+        return type(self).__name__
+
     def __init__(
         self,
         inner_steps: int = 5,
@@ -66,14 +72,38 @@ class Learner:
         self.weight_decay = float(weight_decay)
         self.model: Optional[nn.Module] = None
         self.device = torch.device("cpu")
+        self.compute_dtype = torch.float32
 
     # --- set-up ---------------------------------------------------------------------------
-    def setup(self, model: nn.Module, device: torch.device) -> None:
+    def setup(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
+        """Take the model's adapters as this learner's parameters.
+
+        With a lower-precision ``compute_dtype`` (bf16) the frozen model stays in it, but the
+        adapters become float32 master weights (their AdamW updates, ~lr, are far below one
+        bf16 ulp of their values and would round away), and every forward runs under
+        ``torch.autocast(compute_dtype)`` (:meth:`autocast`), which casts them per matmul.
+        """
         self._check_model(model)
         self.model = model
         self.device = device
-        self.adapter_params = get_adapter_params(model)
-        set_trainable_params(model, self.adapter_params)
+        self.compute_dtype = compute_dtype
+        # set_trainable_params matches model.named_parameters(), which carry the activation
+        # checkpointing prefix; everything we key by name (checkpoint, resume, export) uses
+        # clean names, so a run resumes and exports the same with checkpointing on or off.
+        set_trainable_params(model, get_adapter_params(model))
+        self.adapter_params = named_adapter_params(model)
+        if compute_dtype != torch.float32:
+            for p in self.adapter_params.values():
+                p.data = p.data.float()
+
+    def autocast(self):
+        """The context every model forward runs in: bf16 autocast when the compute dtype is
+        lower than float32, nothing otherwise (float32 runs are bit-identical to no context)."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.compute_dtype,
+            enabled=self.compute_dtype != torch.float32,
+        )
 
     def _check_model(self, model: nn.Module) -> None:
         n_gauss = sum(isinstance(m, GaussianLoRALinear) for m in model.modules())
@@ -117,7 +147,8 @@ class Learner:
     def nll(self, batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)
         labels = batch["labels"].to(self.device)
-        return model_answer_nll(self.model, tokens, labels)
+        with self.autocast():
+            return model_answer_nll(self.model, tokens, labels)
 
     def _sgd_steps(self, optimizer, batches: List[Batch], loss_fn) -> List[Dict[str, float]]:
         logs = []
@@ -167,5 +198,6 @@ class Learner:
         pass
 
     def export_adapter(self) -> Dict[str, torch.Tensor]:
-        """The adapter to publish as a standard LoRA (torchtune names ``...lora_a.weight``)."""
+        """The adapter to publish as a standard LoRA (torchtune names ``...lora_a.weight``,
+        clean of the activation checkpointing prefix, as ``adapter_params`` is keyed)."""
         return {k: p.detach().cpu().clone() for k, p in self.adapter_params.items()}

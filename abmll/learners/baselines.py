@@ -16,12 +16,31 @@ def _mean_nll(logs) -> Dict[str, float]:
 
 
 class Pretrained(Learner):
-    """The off-the-shelf model: no training, and no test-time adaptation by default."""
+    """The off-the-shelf model: no training, and no test-time adaptation by default.
+
+    With ``test_time_adaptation: true`` it is the "Pretrained + TTA" control: a plain LoRA
+    from zero, adapted K steps at ``test_lr`` on each unseen task's support batches exactly as
+    the meta-trained methods are, so a table shows what meta-training adds over adapting at
+    test time. That needs a model with LoRA adapters (the pretrained configs build one).
+    """
 
     adapter_kind = None
 
     def __init__(self, inner_steps: int = 5, test_lr: float = 1e-5, test_time_adaptation: bool = False):
         super().__init__(inner_steps, test_lr, test_time_adaptation)
+
+    @property
+    def method_name(self) -> str:
+        return "PretrainedTTA" if self.test_time_adaptation else "Pretrained"
+
+    def setup(self, model, device, compute_dtype=torch.float32) -> None:
+        super().setup(model, device, compute_dtype)
+        if self.test_time_adaptation and not self.adapter_params:
+            raise ValueError(
+                "learner.test_time_adaptation=true for Pretrained adapts LoRA adapters from zero, "
+                "but the configured model has none (use e.g. model._component_: "
+                "abmll.models.lora_smollm2_135m, as the pretrained configs do)"
+            )
 
     def episodes(self, sampler, epoch: int, seed: int) -> Iterator[Episode]:
         return iter(())
@@ -47,8 +66,8 @@ class StructuredLoRA(Learner):
         _check_positive("lr", lr)
         self.lr = float(lr)
 
-    def setup(self, model, device) -> None:
-        super().setup(model, device)
+    def setup(self, model, device, compute_dtype=torch.float32) -> None:
+        super().setup(model, device, compute_dtype)
         self.optimizer = self._adamw(self.adapter_params.values(), self.lr)
 
     def train_episode(self, episode: Episode) -> Dict[str, float]:

@@ -43,12 +43,17 @@ def lora_tiny_llama(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
 ) -> TransformerDecoder:
-    """Tiny decoder with torchtune's ``LoRALinear`` on the given attention projections."""
+    """Tiny decoder with torchtune's ``LoRALinear`` on the given attention projections.
+
+    Takes the keys of ``torchtune.models.llama3.lora_llama3_8b`` so that a Llama3-8B config's
+    ``model`` section runs unchanged at this shape (tests/test_config_matrix.py)."""
     return lora_llama3(
         lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=False,
-        apply_lora_to_output=False,
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,

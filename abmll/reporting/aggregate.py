@@ -19,6 +19,7 @@ from .figure2 import figure2_csv, figure2_curves, save_figure2_png
 from .results import ResultSet, canonical_method, load_results
 from abmll.atomic import atomic_write_text
 
+from .compare import comparison_csv, comparison_markdown, method_runs, per_task_tables, save_acc_vs_ece_png
 from .tables import DEFAULT_ALPHA, Table, table1, table2, table3
 
 __all__ = ["write_table", "write_figure2", "write_runs_csv", "problems_markdown", "aggregate", "main"]
@@ -159,6 +160,26 @@ def aggregate(
         "Validation accuracy and ECE per epoch (mean over seeds, moving average over 3 epochs): "
         "`figure2.csv`" + "".join(f", `{p.name}`" for p in fig_paths[1:]) + ".",
     ] + [f"Note: {n}" for n in notes] + ["", "## Skipped", "", problems_markdown(results)]
+    for s in results.splits():
+        by_method = method_runs(results, s, abmll_beta)
+        if not by_method:
+            continue
+        comp_csv = comparison_csv(by_method)
+        comp_md = comparison_markdown(by_method, s, alpha)
+        task_md, task_csv = per_task_tables(by_method, s)
+        written += [
+            _write(out_dir / f"comparison_{s}.csv", comp_csv),
+            _write(out_dir / f"comparison_{s}.md", comp_md),
+            _write(out_dir / f"per_task_{s}.md", task_md),
+            _write(out_dir / f"per_task_{s}.csv", task_csv),
+        ]
+        png = out_dir / f"acc_vs_ece_{s}.png"
+        note = save_acc_vs_ece_png(comp_csv, png, f"{s}: accuracy vs ECE on unseen tasks (mean ± SE over seeds)")
+        if note:
+            log(f"aggregate: {note}")
+        else:
+            written.append(png)
+        sections += [comp_md, ""]
     written.append(write_runs_csv(results, out_dir / "runs.csv"))
     written.append(_write(out_dir / "tables.md", "\n".join(sections)))
     log(f"aggregate: wrote {len(written)} file(s) to {out_dir}: {', '.join(p.name for p in written)}")

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 __all__ = [
     "METHOD_ORDER",
     "METHOD_LABELS",
+    "ABMLL_METHODS",
     "SPLIT_ORDER",
     "SPLIT_LABELS",
     "FAILED_MARKER",
@@ -34,17 +35,26 @@ __all__ = [
 ]
 
 # The paper's row order (Table 1) and display names.
-METHOD_ORDER = ["Pretrained", "RegularLoRA", "StructuredLoRA", "Reptile", "ABMLL"]
+# Variants after their method: "Pretrained + TTA" (LoRA from zero, test-time adaptation only)
+# and ABMLL with the first-order outer gradient (learner.outer_gradient=first_order).
+METHOD_ORDER = ["Pretrained", "PretrainedTTA", "RegularLoRA", "StructuredLoRA", "Reptile", "ABMLL", "ABMLL-FO"]
 METHOD_LABELS = {
     "Pretrained": "Pretrained",
+    "PretrainedTTA": "Pretrained + TTA",
     "RegularLoRA": "Regular LoRA",
     "StructuredLoRA": "Struct. LoRA",
     "Reptile": "Reptile",
     "ABMLL": "ABMLL",
+    "ABMLL-FO": "ABMLL (first-order)",
 }
+ABMLL_METHODS = ("ABMLL", "ABMLL-FO")  # the methods with a beta
 # Config short names (``tiny/regular_lora``) and other spellings -> class names.
 _METHOD_ALIASES = {
     "pretrained": "Pretrained",
+    "pretrained_tta": "PretrainedTTA",
+    "pretrainedtta": "PretrainedTTA",
+    "abmll_first_order": "ABMLL-FO",
+    "abmll-fo": "ABMLL-FO",
     "regular_lora": "RegularLoRA",
     "regularlora": "RegularLoRA",
     "regular lora": "RegularLoRA",
@@ -227,7 +237,7 @@ def _parse(path: Path) -> Union[RunResult, Problem]:
         return Problem(path, "corrupt", why)
     method = canonical_method(data.get("method") or data.get("learner") or "")
     beta = None
-    if method == "ABMLL":
+    if method in ABMLL_METHODS:
         learner_cfg = ((data.get("config") or {}).get("learner") or {})
         if "beta" in learner_cfg:
             try:

@@ -51,13 +51,20 @@ __all__ = [
     "main",
 ]
 
-# Config file name (``{prefix}/{name}.yaml``) per method, in the paper's row order.
+# Run directory name per method (also its alias on the command line), in the row order.
 METHOD_CONFIGS = {
     "Pretrained": "pretrained",
+    "PretrainedTTA": "pretrained_tta",
     "RegularLoRA": "regular_lora",
     "StructuredLoRA": "structured_lora",
     "Reptile": "reptile",
     "ABMLL": "abmll",
+    "ABMLL-FO": "abmll_first_order",
+}
+# A variant is a packaged config plus overrides (``{prefix}/{config}.yaml key=value``).
+METHOD_VARIANTS = {
+    "PretrainedTTA": ("pretrained", ("learner.test_time_adaptation=true",)),
+    "ABMLL-FO": ("abmll", ("learner.outer_gradient=first_order",)),
 }
 PRUNE_FRACTIONS = (0.01, 0.1, 0.2, 0.3)
 PRUNE_OVERRIDE = "eval.prune_fractions=[" + ",".join(f"{f:g}" for f in PRUNE_FRACTIONS) + "]"
@@ -187,18 +194,20 @@ def _common_overrides(profile: Profile, args) -> List[str]:
 def _run_spec(profile: Profile, out: Path, split: str, method: str, seed: int, dirname: str,
               common: List[str], extra: Sequence[str] = (), prune: bool = True) -> RunSpec:
     output_dir = (out / "runs" / split / dirname / f"seed{seed}").resolve()
+    config_name, variant = METHOD_VARIANTS.get(method, (METHOD_CONFIGS[method], ()))
     overrides = [
         f"output_dir={output_dir}",
         f"seed={seed}",
         f"split={split}",
         "resume_from_checkpoint=True",
         *([PRUNE_OVERRIDE] if prune else []),
+        *variant,
         *extra,
         *common,
     ]
     return RunSpec(
         name=f"{split}/{dirname}/seed{seed}",
-        config=f"{profile.config_prefix}/{METHOD_CONFIGS[method]}",
+        config=f"{profile.config_prefix}/{config_name}",
         output_dir=output_dir,
         overrides=overrides,
     )
@@ -206,11 +215,12 @@ def _run_spec(profile: Profile, out: Path, split: str, method: str, seed: int, d
 
 def table1_specs(profile: Profile, out: Path, splits: Sequence[str], methods: Sequence[str],
                  seeds: Sequence[int], common: List[str]) -> List[RunSpec]:
-    """methods x splits x seeds, seed fastest, in the paper's method order within a split."""
+    """methods x splits x seeds, seed slowest: a sweep stopped part-way leaves whole seeds
+    (every method compared on the same seeds) rather than some methods with all seeds."""
     specs = []
-    for split in splits:
-        for method in methods:
-            for seed in seeds:
+    for seed in seeds:
+        for split in splits:
+            for method in methods:
                 specs.append(_run_spec(profile, out, split, method, seed, METHOD_CONFIGS[method], common))
     return specs
 

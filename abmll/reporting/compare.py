@@ -1,0 +1,157 @@
+"""Method comparison on one split: which differences are real at this number of seeds.
+
+For a split, from the finished runs of each method (one row per method, seeds pooled):
+
+- ``comparison_{split}.csv`` — the aggregated numbers: per method, n seeds, mean, standard
+  error and per-seed values of test accuracy, ECE, NLL and Brier (the figure is drawn from it);
+- ``comparison_{split}.md`` — that table, plus every pair of methods with the difference of
+  mean accuracy and of mean ECE and the two-sided Welch t-test p-value over seeds;
+- ``per_task_{split}.md`` / ``.csv`` — test accuracy and ECE per unseen task and method
+  (mean ± SE over seeds), to see whether a gap comes from one task or from all;
+- ``acc_vs_ece_{split}.png`` — accuracy against ECE per method with ±1 SE error bars
+  (needs matplotlib: ``pip install -e ".[plot]"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .results import ABMLL_METHODS, ResultSet, RunResult, method_label
+from .stats import summarize, welch_t_test
+
+__all__ = ["method_runs", "comparison_csv", "comparison_markdown", "per_task_tables", "save_acc_vs_ece_png"]
+
+METRICS = ("accuracy", "ece", "nll", "brier")
+
+
+def method_runs(results: ResultSet, split: str, abmll_beta: float = 1e-8) -> Dict[str, List[RunResult]]:
+    """The runs of each method on ``split``, in row order (ABMLL variants at ``abmll_beta``)."""
+    out: Dict[str, List[RunResult]] = {}
+    for m in results.methods():
+        runs = results.select(split=split, method=m, beta=abmll_beta if m in ABMLL_METHODS else "any")
+        if runs:
+            out[m] = runs
+    return out
+
+
+def _values(runs: Sequence[RunResult], metric: str, task: Optional[str] = None) -> List[float]:
+    if task is None:
+        return [r.test_metrics()[metric] for r in runs]
+    return [r.data["test"]["per_task"][task][metric] for r in runs if task in r.data["test"]["per_task"]]
+
+
+def comparison_csv(by_method: Dict[str, List[RunResult]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "label", "n_seeds", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "se", "values")])
+    for m, runs in by_method.items():
+        row: List[object] = [m, method_label(m), len(runs), " ".join(str(r.seed) for r in runs)]
+        for metric in METRICS:
+            s = summarize(_values(runs, metric))
+            row += [f"{s.mean:.6f}", f"{s.se:.6f}", " ".join(f"{v:.6f}" for v in s.values)]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _pm(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    s = summarize(values)
+    if s is None:
+        return "—"
+    se = f"{s.se * scale:.{digits}f}" if s.se_defined else "n/a"
+    return f"{s.mean * scale:.{digits}f} ± {se}"
+
+
+def _p(a: Sequence[float], b: Sequence[float]) -> str:
+    t = welch_t_test(a, b)
+    return "n/a" if t is None else f"{t.p_value:.3f}"
+
+
+def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha: float = 0.05) -> str:
+    lines = [
+        f"## {split}: methods (test, unweighted mean over unseen tasks; mean ± SE over seeds)",
+        "",
+        "| Method | seeds | Accuracy (%) | ECE | NLL | Brier |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m, runs in by_method.items():
+        lines.append(
+            f"| {method_label(m)} | {len(runs)} | {_pm(_values(runs, 'accuracy'), 100)} | "
+            f"{_pm(_values(runs, 'ece'), digits=3)} | {_pm(_values(runs, 'nll'), digits=3)} | "
+            f"{_pm(_values(runs, 'brier'), digits=3)} |"
+        )
+    lines += [
+        "",
+        f"Pairs (row minus column; two-sided Welch t-test over seeds; * marks p < {alpha:g}):",
+        "",
+        "| A | B | Δ accuracy (points) | p | Δ ECE | p |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for a, b in itertools.combinations(by_method, 2):
+        row = []
+        for metric, scale, digits in (("accuracy", 100, 1), ("ece", 1, 3)):
+            va, vb = _values(by_method[a], metric), _values(by_method[b], metric)
+            diff = (summarize(va).mean - summarize(vb).mean) * scale
+            t = welch_t_test(va, vb)
+            star = "*" if t is not None and t.p_value < alpha else ""
+            row += [f"{diff:+.{digits}f}", (_p(va, vb) + star)]
+        lines.append(f"| {method_label(a)} | {method_label(b)} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_task_tables(by_method: Dict[str, List[RunResult]], split: str) -> Tuple[str, str]:
+    """(markdown, csv): accuracy and ECE per task and method, mean ± SE over seeds."""
+    tasks = sorted({t for runs in by_method.values() for r in runs for t in r.data["test"]["per_task"]})
+    md = [
+        f"## {split}: test accuracy (%) / ECE per unseen task (mean ± SE over seeds)",
+        "",
+        "| Task | " + " | ".join(method_label(m) for m in by_method) + " |",
+        "|---|" + "---:|" * len(by_method),
+    ]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["task", "method", "n_seeds", "accuracy_mean", "accuracy_se", "ece_mean", "ece_se"])
+    for task in tasks:
+        cells = []
+        for m, runs in by_method.items():
+            acc, ece = _values(runs, "accuracy", task), _values(runs, "ece", task)
+            cells.append(f"{_pm(acc, 100)} / {_pm(ece, digits=2)}" if acc else "—")
+            if acc:
+                sa, se_ = summarize(acc), summarize(ece)
+                w.writerow([task, m, sa.n, f"{sa.mean:.6f}", f"{sa.se:.6f}", f"{se_.mean:.6f}", f"{se_.se:.6f}"])
+        md.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def save_acc_vs_ece_png(csv_text: str, path: Path, title: str = "") -> Optional[str]:
+    """Accuracy (x) against ECE (y) per method with ±1 SE bars, from ``comparison_csv``'s text.
+
+    Returns a note instead of writing when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"{path.name} not drawn: matplotlib is not installed (pip install -e '.[plot]')"
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    for i, r in enumerate(rows):
+        x, y = 100 * float(r["accuracy_mean"]), float(r["ece_mean"])
+        ax.errorbar(
+            x, y, xerr=100 * float(r["accuracy_se"]), yerr=float(r["ece_se"]),
+            fmt="o", capsize=4, color=f"C{i}", label=f"{r['label']} (n={r['n_seeds']})",
+        )
+    ax.set_xlabel("test accuracy (%) ↑")
+    ax.set_ylabel("test ECE ↓")
+    ax.set_title(title or "accuracy vs calibration on unseen tasks (mean ± SE over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return None
