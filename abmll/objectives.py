@@ -4,10 +4,10 @@
 - ``gaussian_kl``: KL(q(phi|D) || p(phi|theta)) for diagonal Gaussians, summed.
 - ``neg_log_prior``: -log p(theta) = -log N(mu_theta; 0, 1) - log Gamma(exp(-lv_theta); a0, b0),
   summed (Ravi & Beatson's simplification of KL(q(theta) || p(theta)); no Jacobian term).
-- ``model_kl`` / ``model_neg_log_prior``: the same summed over every ``GaussianLoRALinear``
-  of a model, built from the low-rank factors in row chunks under activation checkpointing,
-  so that at most one chunk of one layer's dense d_out x d_in matrices exists at a time,
-  in the forward and in the backward.
+- ``model_kl`` / ``model_neg_log_prior`` / ``model_kl_and_neg_log_prior``: the same summed over
+  every ``GaussianLoRALinear`` of a model, built from the low-rank factors in row chunks, so
+  that at most one chunk of one layer's dense d_out x d_in matrices exists at a time; their
+  gradients are computed analytically in the same pass (no recomputation in the backward).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from abmll.modules import gaussian_lora_modules
@@ -99,23 +99,28 @@ def neg_log_prior(
 
 
 # --- model-level terms, chunked -------------------------------------------------------------
+#
+# Per layer, one pass over row chunks of the dense matrices computes the KL and -log p(theta)
+# together with their analytic gradients with respect to the low-rank factors that need one
+# (``KLPriorFunction``); the backward only scales those by the incoming gradients. Nothing is
+# recomputed, no autograd graph over dense matrices is built, and per chunk three dense
+# float32 matrices are formed from the factors (rank-2r products where a difference is needed):
+#
+#     dmu = mu_phi - mu_theta = s [B_mq, -B_mp] [A_mq; A_mp]      (c and W0 cancel)
+#     dlv = lv_phi - lv_theta = s [B_lq, -B_lp] [A_lq; A_lp]
+#     lv_p = lv_theta        = s B_lp A_lp + c
+#
+#     KL    = 1/2 sum(exp(dlv) - 1 - dlv + dmu^2 exp(-lv_p))
+#     prior = 1/2 ||s B_mp A_mp||_F^2 + n (log(2 pi)/2 - a0 log b0 + lgamma a0)
+#             + (a0 - 1) sum(lv_p) + b0 sum(exp(-lv_p))
+#
+# (||s B A||_F^2 = s^2 tr((B^T B)(A A^T)) and sum(lv_p) = s 1^T B A 1 + c n are low-rank).
+# Dense gradients: dKL/dmu_q = dmu exp(-lv_p) = -dKL/dmu_p, dKL/dlv_q = (exp(dlv) - 1)/2,
+# dKL/dlv_p = -(exp(dlv) - 1)/2 - dmu^2 exp(-lv_p)/2, dprior/dlv_p = a0 - 1 - b0 exp(-lv_p);
+# each goes to its factors as dB = s G A^T, dA = s B^T G.
 
-
-def _dense(b: torch.Tensor, a: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
-    return scale * (b.float() @ a.float()) + offset
-
-
-def _kl_chunk(bmq, amq, blq, alq, bmp, amp, blp, alp, scale: float, c: float) -> torch.Tensor:
-    return gaussian_kl(
-        _dense(bmq, amq, scale, 0.0),
-        _dense(blq, alq, scale, c),
-        _dense(bmp, amp, scale, 0.0),
-        _dense(blp, alp, scale, c),
-    )
-
-
-def _prior_chunk(bm, am, bl, al, scale: float, c: float, a0: float, b0: float) -> torch.Tensor:
-    return neg_log_prior(_dense(bm, am, scale, 0.0), _dense(bl, al, scale, c), a0, b0)
+#: Order of the factors ``KLPriorFunction`` takes (each pair as ``(B, A)``).
+_KL_ORDER = ("mu_phi", "lv_phi", "mu_theta", "lv_theta")
 
 
 def _row_chunks(n_rows: int, chunk_rows: int):
@@ -124,45 +129,144 @@ def _row_chunks(n_rows: int, chunk_rows: int):
         yield slice(start, min(start + step, n_rows))
 
 
+def _chain(g: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, rows: slice, grads, ib: int, sign: float = 1.0):
+    """Add the factor gradients of a dense gradient ``g`` (rows ``rows``) of ``s B A``:
+    ``dB[rows] += s g A^T`` (``a_s`` is ``s A``) and ``dA += B[rows]^T g`` (times s later)."""
+    gb, ga = grads[ib], grads[ib + 1]
+    if gb is not None:
+        gb[rows].addmm_(g, a_s.t(), alpha=sign)
+    if ga is not None:
+        ga.addmm_(b[rows].t(), g, alpha=sign)
+
+
+class KLPriorFunction(torch.autograd.Function):
+    """``[KL(q(phi)||p(phi|theta)), -log p(theta)]`` of one layer, from its eight factors.
+
+    ``forward(ctx, opts, b_mq, a_mq, b_lq, a_lq, b_mp, a_mp, b_lp, a_lp)`` with
+    ``opts = (scale, c, a0, b0, chunk_rows, want_kl, want_prior, need)``: ``need`` says which
+    factors get gradients (``torch.is_grad_enabled()`` and ``requires_grad``, decided by the
+    caller). Returns a float32 tensor of shape (2,); a term not wanted is 0. The gradients are
+    computed in the forward, one row chunk at a time, and saved in float32 (the factors' sizes).
+    """
+
+    @staticmethod
+    def forward(ctx, opts, b_mq, a_mq, b_lq, a_lq, b_mp, a_mp, b_lp, a_lp):
+        scale, c, a0, b0, chunk_rows, want_kl, want_prior, need = opts
+        factors = (b_mq, a_mq, b_lq, a_lq, b_mp, a_mp, b_lp, a_lp)
+        f = [t.float() for t in factors]
+        bmq, amq, blq, alq, bmp, amp, blp, alp = f
+        d_out, d_in = bmq.shape[0], amq.shape[1]
+        need_kl = tuple(bool(n and want_kl) for n in need)
+        need_pr = tuple(bool(n and want_prior) for n in need[4:])
+        gk = [torch.zeros_like(t) if n else None for t, n in zip(f, need_kl)]
+        gp = [torch.zeros_like(t) if n else None for t, n in zip(f[4:], need_pr)]
+        alp_s = alp * scale
+        if want_kl:
+            a_mu = torch.cat([amq, amp]) * scale
+            a_lv = torch.cat([alq, alp]) * scale
+            amq_s, amp_s, alq_s = a_mu[: amq.shape[0]], a_mu[amq.shape[0]:], a_lv[: alq.shape[0]]
+        kl = torch.zeros((), dtype=torch.float32, device=bmq.device)
+        prior = torch.zeros((), dtype=torch.float32, device=bmq.device)
+        for rows in _row_chunks(d_out, chunk_rows):
+            n = (rows.stop - rows.start) * d_in
+            p_exp = torch.mm(blp[rows], alp_s).add_(c).neg_().exp_()  # exp(-lv_p)
+            if want_prior:
+                sum_lvp = scale * torch.dot(blp[rows].sum(0), alp.sum(1)) + c * n
+                prior = prior + b0 * p_exp.sum() + (a0 - 1.0) * sum_lvp
+            if want_kl:
+                dmu = torch.mm(torch.cat([bmq[rows], -bmp[rows]], 1), a_mu)
+                g_mu = dmu * p_exp  # dKL/dmu_q
+                dlv = torch.mm(torch.cat([blq[rows], -blp[rows]], 1), a_lv)
+                kl = kl + 0.5 * (torch.dot(dmu.flatten(), g_mu.flatten()) - dlv.sum() - n)
+                g_lvq = dlv.exp_()  # in place (exp is vectorised on CPU, expm1 is not)
+                kl = kl + 0.5 * g_lvq.sum()
+                g_lvq.sub_(1.0).mul_(0.5)  # dKL/dlv_q = (exp(dlv) - 1) / 2
+                _chain(g_mu, bmq, amq_s, rows, gk, 0)
+                _chain(g_mu, bmp, amp_s, rows, gk, 4, sign=-1.0)
+                _chain(g_lvq, blq, alq_s, rows, gk, 2)
+                if need_kl[6] or need_kl[7]:
+                    g_lvp = dmu.mul_(g_mu).mul_(-0.5).sub_(g_lvq)  # dKL/dlv_p, in dmu's memory
+                    _chain(g_lvp, blp, alp_s, rows, gk, 6)
+                del dmu, g_mu, dlv, g_lvq
+            if need_pr[2] or need_pr[3]:
+                g_pr = p_exp.mul_(-b0).add_(a0 - 1.0)  # dprior/dlv_p, in p_exp's memory
+                _chain(g_pr, blp, alp_s, rows, gp, 2)
+            del p_exp
+        # dA = s B^T G: the chained A gradients were accumulated without s.
+        for g in (gk[1], gk[3], gk[5], gk[7], gp[3]):
+            if g is not None:
+                g.mul_(scale)
+        if want_prior:  # 1/2 ||s B A||_F^2 and the constants
+            gram_b, gram_a = bmp.t() @ bmp, amp @ amp.t()
+            prior = prior + 0.5 * scale**2 * torch.sum(gram_b * gram_a)
+            prior = prior + d_out * d_in * (_HALF_LOG_2PI - a0 * math.log(b0) + math.lgamma(a0))
+            if gp[0] is not None:
+                gp[0].add_(bmp @ gram_a, alpha=scale**2)
+            if gp[1] is not None:
+                gp[1].add_(gram_b @ amp, alpha=scale**2)
+        grads = gk + gp  # float32; cast to the factors' dtypes once scaled, in the backward
+        ctx.present = [g is not None for g in grads]
+        ctx.dtypes = [t.dtype for t in factors]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        return torch.stack([kl, prior])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        gk, gp = grads[:8], grads[8:]
+        g_kl, g_prior = grad_out.float().unbind()
+        result = []
+        for i in range(8):
+            g = None
+            if gk[i] is not None:
+                g = gk[i] * g_kl
+            if i >= 4 and gp[i - 4] is not None:
+                g = gp[i - 4] * g_prior if g is None else g.add_(gp[i - 4] * g_prior)
+            result.append(None if g is None else g.to(ctx.dtypes[i]))
+        return (None, *result)
+
+
+def _layer_terms(m, a0: float, b0: float, chunk_rows: int, want_kl: bool, want_prior: bool) -> torch.Tensor:
+    factors = [t for name in _KL_ORDER for t in m.factors(name)]
+    grad_on = torch.is_grad_enabled()
+    need = tuple(grad_on and t.requires_grad for t in factors)
+    opts = (m.scale, m.c, float(a0), float(b0), int(chunk_rows), want_kl, want_prior, need)
+    return KLPriorFunction.apply(opts, *factors)
+
+
+def _model_terms(model: nn.Module, a0: float, b0: float, chunk_rows: int, want_kl: bool,
+                 want_prior: bool, caller: str) -> torch.Tensor:
+    total = None
+    for _, m in gaussian_lora_modules(model):
+        part = _layer_terms(m, a0, b0, chunk_rows, want_kl, want_prior)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError(f"{caller}: the model has no GaussianLoRALinear layers")
+    return total
+
+
+def model_kl_and_neg_log_prior(
+    model: nn.Module, a0: float, b0: float, chunk_rows: int = 1024
+) -> tuple:
+    """``(model_kl(model), model_neg_log_prior(model, a0, b0))`` from one pass over each row
+    chunk of each layer (the global pairs' dense matrices are built once for both)."""
+    both = _model_terms(model, a0, b0, chunk_rows, True, True, "model_kl_and_neg_log_prior")
+    return both[0], both[1]
+
+
 def model_kl(model: nn.Module, chunk_rows: int = 1024) -> torch.Tensor:
     """KL(q(phi|D) || p(phi|theta)) summed over every weight of every Gaussian LoRA layer.
 
-    W0 cancels. Each row chunk of each layer is computed under ``checkpoint`` so its dense
-    temporaries are freed after the forward and rebuilt one chunk at a time in the backward.
+    W0 cancels. At most one row chunk of one layer's dense matrices exists at a time; the
+    gradients are computed in the same pass (see ``KLPriorFunction``).
     """
-    total = None
-    for _, m in gaussian_lora_modules(model):
-        bmq, amq = m.factors("mu_phi")
-        blq, alq = m.factors("lv_phi")
-        bmp, amp = m.factors("mu_theta")
-        blp, alp = m.factors("lv_theta")
-        for rows in _row_chunks(m.out_dim, chunk_rows):
-            part = checkpoint(
-                _kl_chunk,
-                bmq[rows], amq, blq[rows], alq, bmp[rows], amp, blp[rows], alp,
-                m.scale, m.c,
-                use_reentrant=False,
-            )
-            total = part if total is None else total + part
-    if total is None:
-        raise ValueError("model_kl: the model has no GaussianLoRALinear layers")
-    return total
+    return _model_terms(model, 1.0, 1.0, chunk_rows, True, False, "model_kl")[0]
 
 
 def model_neg_log_prior(
     model: nn.Module, a0: float, b0: float, chunk_rows: int = 1024
 ) -> torch.Tensor:
     """-log p(theta) summed over every weight of every Gaussian LoRA layer (global pairs)."""
-    total = None
-    for _, m in gaussian_lora_modules(model):
-        bm, am = m.factors("mu_theta")
-        bl, al = m.factors("lv_theta")
-        for rows in _row_chunks(m.out_dim, chunk_rows):
-            part = checkpoint(
-                _prior_chunk, bm[rows], am, bl[rows], al, m.scale, m.c, a0, b0,
-                use_reentrant=False,
-            )
-            total = part if total is None else total + part
-    if total is None:
-        raise ValueError("model_neg_log_prior: the model has no GaussianLoRALinear layers")
-    return total
+    return _model_terms(model, a0, b0, chunk_rows, False, True, "model_neg_log_prior")[1]

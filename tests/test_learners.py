@@ -218,3 +218,51 @@ def test_abmll_first_order_theta_gets_the_nll_gradient(sampler):
         for src, dst in (("mu_theta", "mu_phi"), ("lv_theta", "lv_phi")):
             for s, d in zip(layer.factors(src), layer.factors(dst)):
                 assert torch.equal(s, d)
+
+
+@pytest.mark.parametrize("make_model,make_learner", [
+    (gaussian_lora_tiny_llama, lambda: ABMLL(inner_lr=1e-4, outer_lr=1e-4)),
+    (lora_tiny_llama, lambda: RegularLoRA(lr=1e-4)),
+])
+def test_bf16_compute_keeps_float32_adapters_whose_small_updates_land(sampler, make_model, make_learner):
+    """dtype=bf16: frozen weights in bf16, adapters float32 master weights, forward under autocast.
+
+    An AdamW step moves each A entry by ~lr = 1e-4, below half a bf16 ulp of a ~0.1 entry: in
+    bf16 those updates would round away; in float32 they land."""
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = make_model()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # B starts at zero, which gives A no gradient: start from B != 0
+        for name, p in model.named_parameters():
+            if name.endswith("_b.weight") or name.endswith("lora_b.weight"):
+                p.normal_(0.0, 0.02)
+    learner = make_learner()
+    learner.setup(model, torch.device("cpu"), compute_dtype=torch.bfloat16)
+    adapters = learner.adapter_params
+    assert all(p.dtype == torch.float32 for p in adapters.values())
+    adapter_ids = {id(p) for p in adapters.values()}
+    frozen = [p for p in model.parameters() if id(p) not in adapter_ids]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    a_keys = [k for k in adapters if k.endswith("lora_a.weight") or "_a.weight" in k]
+    before = {k: adapters[k].detach().clone() for k in a_keys}
+    episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
+    metrics = learner.train_episode(episode)
+    assert torch.isfinite(torch.tensor(metrics["inner_nll"]))
+    moved = [k for k in a_keys if not torch.equal(before[k], adapters[k])]
+    assert moved, "no A factor moved"
+    k = moved[0]
+    step = (adapters[k] - before[k]).abs()
+    step = step[step > 0]
+    # The updates are smaller than half a bf16 ulp of the values they were added to.
+    half_ulp = before[k].abs().max() * 2.0**-8
+    assert step.median() < half_ulp
+    seen = []
+    hook = model.layers[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad(), learner.autocast():
+        model(episode.support[0]["tokens"])
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the adapted projection computes in bf16

@@ -13,6 +13,7 @@ from abmll.objectives import (
     answer_nll,
     gaussian_kl,
     model_kl,
+    model_kl_and_neg_log_prior,
     model_neg_log_prior,
     neg_log_prior,
 )
@@ -81,6 +82,75 @@ def test_model_kl_and_prior_chunked_equal_dense_values_and_gradients(chunk_rows)
     torch.testing.assert_close(prior, prior_ref, rtol=1e-5, atol=1e-3)
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_rows,c", [(7, -2.0), (4096, -20.0)])
+def test_fused_kl_and_prior_equal_the_separate_functions_and_the_dense_reference(chunk_rows, c):
+    """Values, and gradients for two different weightings of the two terms (the KL's and the
+    prior's gradients are kept apart until the backward)."""
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_llama(c=c)
+    _randomise_adapters(model, seed=1)
+    params = [p for _, m in gaussian_lora_modules(model) for p in m.pair_params(PAIRS)]
+    a0, b0 = 2.0, 0.3
+    kl_ref, prior_ref = _dense_reference(model, a0, b0)
+    for w_kl, w_prior in ((1.0, 1e-3), (-0.5, 2e-3)):
+        kl, prior = model_kl_and_neg_log_prior(model, a0, b0, chunk_rows=chunk_rows)
+        kl_sep = model_kl(model, chunk_rows=chunk_rows)
+        prior_sep = model_neg_log_prior(model, a0, b0, chunk_rows=chunk_rows)
+        torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(prior, prior_ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(kl, kl_sep)
+        torch.testing.assert_close(prior, prior_sep)
+        scale = abs(w_prior) * prior_ref.abs().item() + abs(w_kl) * kl_ref.abs().item()
+        grads = torch.autograd.grad(w_kl * kl + w_prior * prior, params)
+        grads_sep = torch.autograd.grad(w_kl * kl_sep + w_prior * prior_sep, params)
+        grads_ref = torch.autograd.grad(w_kl * kl_ref + w_prior * prior_ref, params, retain_graph=True)
+        for g, gs, r in zip(grads, grads_sep, grads_ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * scale)
+            torch.testing.assert_close(g, gs, rtol=1e-5, atol=1e-7 * scale)
+
+
+@pytest.mark.parametrize("trainable", ["phi", "theta"])
+def test_kl_and_prior_gradients_reach_only_the_trainable_pairs(trainable):
+    """The inner step trains phi only, the outer theta only: the gradients are computed only
+    for factors that require them, and equal the dense reference's."""
+    from abmll.modules import PHI_PAIRS, THETA_PAIRS
+
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_llama(c=-3.0)
+    _randomise_adapters(model, seed=2)
+    train = PHI_PAIRS if trainable == "phi" else THETA_PAIRS
+    frozen = THETA_PAIRS if trainable == "phi" else PHI_PAIRS
+    for _, m in gaussian_lora_modules(model):
+        for p in m.pair_params(frozen):
+            p.requires_grad_(False)
+    params = [p for _, m in gaussian_lora_modules(model) for p in m.pair_params(train)]
+    kl, prior = model_kl_and_neg_log_prior(model, 1.0, 0.01, chunk_rows=5)
+    grads = torch.autograd.grad(kl + 1e-3 * prior, params)
+    kl_ref, prior_ref = _dense_reference(model, 1.0, 0.01)
+    grads_ref = torch.autograd.grad(kl_ref + 1e-3 * prior_ref, params)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    for _, m in gaussian_lora_modules(model):
+        assert all(p.grad is None for p in m.pair_params(frozen))
+
+
+def test_kl_and_prior_without_autograd_and_in_bf16():
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_llama(c=-20.0)
+    _randomise_adapters(model, seed=3)
+    kl_ref, prior_ref = _dense_reference(model, 1.0, 0.01)
+    with torch.no_grad():
+        kl, prior = model_kl_and_neg_log_prior(model, 1.0, 0.01)
+    assert not kl.requires_grad
+    torch.testing.assert_close(kl, kl_ref.detach(), rtol=1e-5, atol=1e-3)
+    model = model.to(torch.bfloat16)
+    params = [p for _, m in gaussian_lora_modules(model) for p in m.pair_params(PAIRS)]
+    kl16, prior16 = model_kl_and_neg_log_prior(model, 1.0, 0.01)
+    assert kl16.dtype == torch.float32  # computed in float32 from the bf16 factors
+    grads = torch.autograd.grad(kl16 + 1e-3 * prior16, params)
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all() for g in grads)
 
 
 def test_model_kl_is_zero_when_phi_equals_theta():

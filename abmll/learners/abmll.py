@@ -11,7 +11,7 @@ from torchtune import utils
 from abmll.learners.base import Batch, Episode, Learner, _check_positive
 from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
 from abmll.modules.names import clean_name
-from abmll.objectives import model_kl, model_neg_log_prior
+from abmll.objectives import model_kl, model_kl_and_neg_log_prior, model_neg_log_prior
 
 log = utils.get_logger("INFO")
 
@@ -189,8 +189,8 @@ class ABMLL(Learner):
             self._train_only(self.theta + self.phi)
             query_nll = self._query_nll_backward(query)
             logs["outer_nll_grad_norm"] = _grad_norm(self.phi)
-        kl = self.kl()
-        prior = self.neg_log_prior()
+        # One pass over the dense matrices for both terms (the global pairs are built once).
+        kl, prior = model_kl_and_neg_log_prior(self.model, self.a0, self.b0, self.kl_chunk_rows)
         (self.beta * (kl + prior)).backward()
         if self.outer_gradient == "first_order":
             self._add_phi_grad_to_theta()

@@ -12,12 +12,26 @@ Per adapted layer with frozen ``W0`` (d_out x d_in) and LoRA scale ``s = alpha /
 
 The forward pass uses the task posterior ``q``. Three modes (``GaussianLoRALinear.mode``):
 
-- ``"sample"`` with gradients enabled (training): local reparameterisation. The output
-  ``z = x W^T`` of a weight ``W ~ q`` is Gaussian per output unit with mean
-  ``x (W0 + mu_phi)^T`` and variance ``x^2 exp(lv_phi)^T``, so we sample the output directly.
-  The dense ``exp(lv_phi)`` matrix is built inside ``torch.utils.checkpoint``: it is freed after
-  the forward and rebuilt in the backward, so no d_out x d_in tensor per layer stays alive for
-  backward (cost: one extra d_out x d_in exp and one extra matmul per layer in the backward).
+- ``"sample"`` with gradients enabled (training). Two estimators of the same expected NLL
+  (``GaussianLoRALinear.sampling``):
+
+  * ``"local"`` (default): local reparameterisation. The output ``z = x W^T`` of a weight
+    ``W ~ q`` is Gaussian per output unit with mean ``x (W0 + mu_phi)^T`` and variance
+    ``x^2 exp(lv_phi)^T``, so we sample the output directly, with independent noise per token.
+    The whole noise term ``eps * sqrt(x^2 exp(lv_phi)^T)`` is computed inside
+    ``torch.utils.checkpoint`` (which restores the RNG state when it recomputes), so it keeps
+    nothing for backward beyond what LoRA keeps (``x``): no dense d_out x d_in matrix, no
+    output variance, no ``eps``. The variance matmul runs in the compute dtype (``x``'s dtype)
+    with ``exp(c)`` and a per-row maximum factored out (``exp(lv) = exp(c + m_j) exp(sBA - m_j)``,
+    values in (0, 1]), so it is safe in bf16. Cost per adapted layer: one dense exp and matmul
+    in the forward, and in the backward the recomputation plus two matmuls.
+  * ``"weight"``: one weight sample ``W = W0 + mu_phi + exp(lv_phi / 2) * eps`` per forward call,
+    shared by every token of the batch (a higher-variance estimator of the same objective).
+    A custom autograd function keeps only ``x``, the factors and an RNG seed, and regenerates
+    ``eps`` in the backward: one dense matmul in the forward and two in the backward (float32:
+    ``W0`` and the noise folded into one matrix). In bf16 the noise (std ~4.5e-5 at c = -20) is
+    below the resolution of ``W0``, so the noise gets its own matmul there (forward and
+    backward), which costs as much as ``"local"`` minus its recomputation.
 - ``"sample"`` without gradients (evaluation): one weight sample ``W = W0 + mu_phi + exp(lv_phi / 2) * eps``
   per forward call, shared by every token of the batch, as "one sample from the
   reparameterization step" reads; the dense sample is transient.
@@ -41,6 +55,10 @@ PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta", "mu_phi", "lv_phi")
 THETA_PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta")
 PHI_PAIRS: Tuple[str, ...] = ("mu_phi", "lv_phi")
 MODES = ("sample", "mean")
+#: Training-time estimators (``GaussianLoRALinear.sampling``); see the module docstring.
+SAMPLINGS = ("local", "weight")
+#: Dtypes in which the frozen weight resolves the noise of a weight sample (fold W0 + noise).
+_FOLD_DTYPES = (torch.float32, torch.float64)
 
 
 class GaussianLoRALinear(nn.Module, AdapterModule):
@@ -54,6 +72,8 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         c (float): log-variance offset added to both log-variance pairs (``-20`` means a
             per-weight standard deviation of ``exp(-10) ~ 4.5e-5`` at initialisation).
         use_bias (bool): whether the frozen base layer has a bias (Qwen2's q/k/v do).
+        sampling (str): training-time estimator, ``"local"`` (local reparameterisation, per-token
+            noise; default) or ``"weight"`` (one weight sample per forward call).
     """
 
     def __init__(
@@ -64,10 +84,13 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         alpha: float,
         c: float = -20.0,
         use_bias: bool = False,
+        sampling: str = "local",
     ):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be positive, got {rank}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.rank = rank
@@ -75,6 +98,7 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         self.c = float(c)
         self.use_bias = use_bias
         self.mode = "sample"
+        self.sampling = sampling
         linear = nn.Linear(in_dim, out_dim, bias=use_bias)
         self.weight = nn.Parameter(linear.weight, requires_grad=False)
         self.bias = nn.Parameter(linear.bias, requires_grad=False) if use_bias else None
@@ -135,28 +159,74 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         b, a = self.factors("mu_phi")
         return out + self.scale * F.linear(F.linear(x, a), b)
 
+    def _mu_out(self, x: torch.Tensor) -> torch.Tensor:
+        b, a = self.factors("mu_phi")
+        return self.scale * F.linear(F.linear(x, a), b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode not in MODES:
             raise ValueError(f"GaussianLoRALinear.mode must be one of {MODES}, got {self.mode!r}")
-        mean = self._mean_out(x)
         if self.mode == "mean":
-            return mean
+            return self._mean_out(x)
         if torch.is_grad_enabled():
-            b, a = self.factors("lv_phi")
-            std = checkpoint(
-                _output_std, x, a, b, self.scale, self.c, use_reentrant=False
+            if self.sampling == "local":
+                b, a = self.factors("lv_phi")
+                noise = checkpoint(_output_noise, x, a, b, self.scale, self.c, use_reentrant=False)
+                return self._mean_out(x) + noise
+            if self.sampling == "weight":
+                b, a = self.factors("lv_phi")
+                seed = _draw_seed()
+                out = _SampledWeightLinear.apply(
+                    x, self.weight, a, b, self.scale, self.c, seed, _can_fold(x)
+                )
+                if self.bias is not None:
+                    out = out + self.bias
+                return out + self._mu_out(x)
+            raise ValueError(
+                f"GaussianLoRALinear.sampling must be one of {SAMPLINGS}, got {self.sampling!r}"
             )
-            return mean + std * torch.randn_like(std)
-        # Evaluation: one weight sample shared across the batch, transient.
-        std_w = torch.exp(0.5 * self.dense("lv_phi"))
-        noise = std_w * torch.randn_like(std_w)
-        return mean + F.linear(x, noise.to(x.dtype))
+        # Evaluation: one weight sample shared across the batch, transient; built in float32
+        # (a bf16 log-variance near c = -20 has a resolution of 0.125).
+        noise = self.sample_weight_noise()
+        if _can_fold(x):  # W0 resolves the noise: one matmul
+            return F.linear(x, (self.weight + noise).to(x.dtype), self.bias) + self._mu_out(x)
+        return self._mean_out(x) + F.linear(x, noise.to(x.dtype))
+
+    def sample_weight_noise(self) -> torch.Tensor:
+        """One float32 sample of ``W - (W0 + mu_phi)`` = ``exp(lv_phi / 2) * eps`` (evaluation)."""
+        b, a = self.factors("lv_phi")
+        with _float32_only(a):  # under bf16 autocast the matmul would round lv to 0.125 steps
+            std_w = torch.exp(0.5 * (b.float() @ (a.float() * self.scale) + self.c))
+        return std_w * torch.randn_like(std_w)
 
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
-            f"alpha={self.alpha}, c={self.c}, mode={self.mode}"
+            f"alpha={self.alpha}, c={self.c}, mode={self.mode}, sampling={self.sampling}"
         )
+
+
+#: Floor of the relative output variance, so that sqrt's gradient stays finite where an input
+#: row is exactly zero (representable in bf16, whose exponent range is float32's).
+_VAR_FLOOR = 1e-30
+
+
+def _can_fold(x: torch.Tensor) -> bool:
+    """Whether W0 + noise can be one matmul: W0 must resolve the noise (std ~4.5e-5 at c = -20),
+    so the matmul must run in float32 or wider, not under a lower-precision autocast."""
+    return x.dtype in _FOLD_DTYPES and not torch.is_autocast_enabled(x.device.type)
+
+
+def _float32_only(t: torch.Tensor):
+    """Autocast off: a log-variance near c = -20 must be built in float32 even when the model's
+    forward runs under bf16 autocast (the learners' ``autocast()``), which would otherwise run
+    these matmuls in bf16."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16's range cannot hold x^2 of large activations: use float32 there.
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _output_std(
@@ -164,12 +234,90 @@ def _output_std(
 ) -> torch.Tensor:
     """Standard deviation of ``x W^T`` for ``W`` with elementwise log-variance ``scale*b@a + c``.
 
-    Computed in float32 (variances of ~exp(-20) underflow bf16 sums poorly).
+    ``var_j = sum_i x_i^2 exp(lv_ji) = exp(c + m_j) * sum_i x_i^2 exp(scale*(b@a)_ji - m_j)`` with
+    ``m_j`` the row maximum of ``scale*b@a`` (a constant for autograd: the sum does not depend on
+    it). The factored matrix has values in (0, 1], so the matmul runs in the compute dtype
+    (``x``'s; float32 for float16): all terms are positive, so bf16 inputs with float32
+    accumulation give a relative error of about 2^-8, and no value under- or overflows.
+    The log-variance itself is built in float32 from the factors.
     """
-    var_w = torch.exp(scale * (b.float() @ a.float()) + c)
-    var_out = F.linear(x.float().square(), var_w)
-    # The floor keeps sqrt's gradient finite where an input row is exactly zero.
-    return var_out.clamp_min(1e-30).sqrt().to(x.dtype)
+    dt = _matmul_dtype(x.dtype)
+    lv = b.float() @ (a.float() * scale)  # scale * B A, [d_out, d_in]
+    m = lv.detach().amax(dim=1, keepdim=True)
+    rel_var = torch.exp(lv - m).to(dt)
+    var = F.linear(x.to(dt).square(), rel_var)  # [..., d_out]
+    k = torch.exp(0.5 * (m.squeeze(1) + c)).to(dt)  # sqrt(exp(c + m_j))
+    return (var.clamp_min(_VAR_FLOOR).sqrt() * k).to(x.dtype)
+
+
+def _output_noise(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, c: float
+) -> torch.Tensor:
+    """``eps * std`` of local reparameterisation; run under ``checkpoint``, which restores the RNG
+    state before recomputing, so the backward sees the forward's ``eps``."""
+    std = _output_std(x, a, b, scale, c)
+    return std * torch.randn_like(std)
+
+
+def _draw_seed() -> int:
+    """A seed from the global (CPU) generator: reproducible under ``torch.manual_seed``, and
+    restored by ``torch.utils.checkpoint`` when an enclosing layer is recomputed."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _weight_noise(
+    a: torch.Tensor, b: torch.Tensor, scale: float, c: float, seed: int
+) -> torch.Tensor:
+    """``exp(lv / 2) * eps`` in float32, ``lv = scale*b@a + c``, ``eps`` drawn from ``seed``."""
+    gen = torch.Generator(device=a.device)
+    gen.manual_seed(seed)
+    eps = torch.randn(b.shape[0], a.shape[1], generator=gen, device=a.device, dtype=torch.float32)
+    with _float32_only(a):
+        std = torch.mm(b.float(), a.float() * (0.5 * scale)).add_(0.5 * c).exp_()  # exp(lv / 2)
+    return eps.mul_(std)
+
+
+class _SampledWeightLinear(torch.autograd.Function):
+    """``x (W0 + N)^T`` with ``N = exp(lv / 2) * eps`` one weight-noise sample, ``lv = scale*b@a + c``.
+
+    Keeps ``x``, ``W0`` (a parameter), the factors and the seed of ``eps``; the backward
+    regenerates ``eps`` from the seed, so no dense d_out x d_in tensor outlives the call.
+    ``fold``: ``W0 + N`` as one matrix in ``x``'s dtype (float32: ``W0`` resolves the noise);
+    otherwise the noise has its own matmul in the forward and the backward (bf16).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, scale: float, c: float, seed: int, fold: bool):
+        noise = _weight_noise(a, b, scale, c, seed)
+        if fold:
+            out = F.linear(x, noise.add_(weight).to(x.dtype))
+        else:
+            out = F.linear(x, weight) + F.linear(x, noise.to(x.dtype))
+        ctx.save_for_backward(x, weight, a, b)
+        ctx.scale, ctx.c, ctx.seed, ctx.fold = scale, c, seed, fold
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, a, b = ctx.saved_tensors
+        noise = _weight_noise(a, b, ctx.scale, ctx.c, ctx.seed)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            # dL/dlv = dL/dN * dN/dlv = (g^T x) * N / 2; then lv = scale * b @ a + c.
+            grad_lv = (g2.t() @ x2).float().mul_(noise).mul_(0.5 * ctx.scale)
+            if ctx.needs_input_grad[2]:
+                grad_a = (b.float().t() @ grad_lv).to(a.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_b = (grad_lv @ a.float().t()).to(b.dtype)
+            del grad_lv
+        if ctx.needs_input_grad[0]:
+            if ctx.fold:
+                grad_x = grad_out @ noise.add_(weight).to(grad_out.dtype)
+            else:
+                grad_x = grad_out @ weight + grad_out @ noise.to(grad_out.dtype)
+        return grad_x, None, grad_a, grad_b, None, None, None, None
 
 
 def gaussian_lora_modules(model: nn.Module) -> Iterator[Tuple[str, GaussianLoRALinear]]:
@@ -177,6 +325,14 @@ def gaussian_lora_modules(model: nn.Module) -> Iterator[Tuple[str, GaussianLoRAL
     for name, module in model.named_modules():
         if isinstance(module, GaussianLoRALinear):
             yield name, module
+
+
+def set_gaussian_sampling(model: nn.Module, sampling: str) -> None:
+    """Choose every Gaussian LoRA layer's training estimator, ``"local"`` or ``"weight"``."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    for _, module in gaussian_lora_modules(model):
+        module.sampling = sampling
 
 
 def set_gaussian_mode(model: nn.Module, mode: str) -> None:

@@ -267,6 +267,8 @@ _IGNORED_CONFIG_KEYS = (
     "checkpointer.output_dir",
     "tokenizer.path",
     "device",
+    "enable_activation_checkpointing",  # changes rounding only, not the method
+    "data.eval_batch_size",  # evaluation batching, not the method
 )
 
 

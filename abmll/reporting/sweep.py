@@ -269,7 +269,9 @@ def tune_command() -> List[str]:
 
 def is_finished(spec: RunSpec) -> bool:
     try:
-        return json.loads(spec.results_path.read_text()).get("finished") is True
+        data = json.loads(spec.results_path.read_text())
+        # A run whose optional end steps (pruning, export) failed is resumed: the recipe redoes them.
+        return data.get("finished") is True and not data.get("errors")
     except (OSError, ValueError, AttributeError):
         return False
 
