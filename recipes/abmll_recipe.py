@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -38,7 +39,8 @@ from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
 
 from abmll.atomic import atomic_write, atomic_write_text
-from abmll.data import TaskSampler, load_split, option_token_ids
+from abmll.config_registry import resolve_config
+from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
 from abmll.modules import gaussian_lora_modules, set_gaussian_mode
@@ -67,6 +69,10 @@ _RESUME_MUTABLE_KEYS = (
     "metric_logger",
     "enable_activation_checkpointing",
 )
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite during training."""
 
 
 class RecipeConfigError(ValueError):
@@ -143,6 +149,9 @@ class ABMLLRecipe:
             str(cfg.split),
             os.path.expanduser(str(data_dir)) if data_dir is not None else None,
             split_file=data.get("split_file", None),
+            # MetaICL's file naming, {task}_{k}_{seed}_{part}.jsonl (the README's data.k / data.seed).
+            k=data.get("k", None),
+            seed=data.get("seed", None),
         )
         chat = bool(data.get("chat_template", False))
         self.option_ids = torch.tensor(option_token_ids(self._tokenizer, chat_template=chat))
@@ -336,6 +345,21 @@ class ABMLLRecipe:
             self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
         return val["mean"]
 
+    def _check_finite(self, metrics: Dict[str, float], episode, epoch: int) -> None:
+        """Stop at the first non-finite loss term, naming it: training on would only spread
+        NaNs into the adapters, and the last checkpoint (end of the previous epoch) stays good."""
+        # Without query batches ABMLL reports no query NLL (NaN by construction, not a failure).
+        optional = {"query_nll", "outer_loss"} if not episode.query else set()
+        bad = [k for k, v in metrics.items() if k not in optional and not math.isfinite(v)]
+        if bad:
+            ckpt = self.ckpt_dir / CHECKPOINT_FILE
+            kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)} at step {self.global_step + 1} "
+                f"(epoch {epoch}, task {episode.task!r}); {kept}. Lower the learning rates "
+                f"(learner.*lr) or learner.beta and resume with resume_from_checkpoint=True"
+            )
+
     def train(self) -> None:
         n_episodes = self.learner.num_episodes(self.train_sampler)
         if (n_episodes == 0 or self.epochs == 0) and self.best["epoch"] is None:
@@ -354,6 +378,7 @@ class ABMLLRecipe:
             for episode in pbar:
                 t0 = time.perf_counter()
                 metrics = self.learner.train_episode(episode)
+                self._check_finite(metrics, episode, epoch)
                 metrics["tokens_per_second"] = episode.num_tokens / (time.perf_counter() - t0)
                 self.global_step += 1
                 for k, v in metrics.items():
@@ -413,6 +438,9 @@ class ABMLLRecipe:
             "method": self.learner.method_name,
             "learner": self.cfg.learner.get("_component_"),
             "split": self.split.name,
+            # Which tasks, not only the split's name: a data.split_file can reuse a name.
+            "split_file": self.cfg.data.get("split_file", None),
+            "task_lists_sha256": task_lists_sha256(self.split),
             "seed": self.seed,
             "best_epoch": self.best["epoch"],
             "epochs": self.epochs,
@@ -495,7 +523,12 @@ def recipe_main(cfg: DictConfig) -> None:
     except (RecipeConfigError, ValueError, FileNotFoundError) as err:
         print(f"abmll_recipe: error: {err}", file=sys.stderr)
         sys.exit(2)
-    recipe.train()
+    try:
+        recipe.train()
+    except NonFiniteLossError as err:
+        print(f"abmll_recipe: error: {err}", file=sys.stderr)
+        recipe.cleanup()
+        sys.exit(1)
     results = recipe.finish()
     recipe.cleanup()
     if results and results["errors"]:
@@ -512,8 +545,6 @@ def recipe_main(cfg: DictConfig) -> None:
 
 def _resolve_config_arg(argv: List[str]) -> List[str]:
     """Map ``--config tiny/abmll`` to the YAML shipped in ``abmll/configs`` unless it is a path."""
-    from importlib.resources import files
-
     argv = list(argv)
     for i, arg in enumerate(argv):
         value = None
@@ -521,25 +552,12 @@ def _resolve_config_arg(argv: List[str]) -> List[str]:
             idx, value = i + 1, argv[i + 1]
         elif arg.startswith("--config="):
             idx, value = i, arg.split("=", 1)[1]
-        if value is None or Path(value).is_file():
+        if value is None:
             continue
-        name = value[:-5] if value.endswith(".yaml") else value
-        packaged = files("abmll.configs").joinpath(f"{name}.yaml")
-        if packaged.is_file():
-            resolved = str(packaged)
-        else:
-            available = sorted(
-                f"{d.name}/{f.name[:-5]}"
-                for d in files("abmll.configs").iterdir()
-                if d.is_dir() and not d.name.startswith("_")
-                for f in d.iterdir()
-                if f.name.endswith(".yaml")
-            )
-            print(
-                f"abmll_recipe: error: --config {value}: no such file, and not a packaged config "
-                f"({', '.join(available)})",
-                file=sys.stderr,
-            )
+        try:
+            resolved = str(resolve_config(value))
+        except FileNotFoundError as err:
+            print(f"abmll_recipe: error: {err}", file=sys.stderr)
             sys.exit(2)
         argv[idx] = resolved if arg == "--config" else f"--config={resolved}"
     return argv

@@ -89,3 +89,21 @@ def test_offline_default_data_dir_follows_abmll_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ABMLL_CACHE", str(tmp_path))
     cfg = _load("smollm2_135m", "abmll")
     assert cfg.data.data_dir == f"{tmp_path}/bigbench-mc"
+
+
+def test_abmll_ls_and_cp_use_the_recipe_registry(tmp_path, capsys):
+    """`abmll ls` lists what --config accepts; `abmll cp` copies a packaged config, refuses to
+    overwrite, and the copy runs through the recipe's resolution as a path."""
+    from abmll.config_registry import main, packaged_configs, resolve_config
+
+    names = packaged_configs()
+    assert "llama3_8b/abmll" in names and "tiny/pretrained" in names and len(names) == 15
+    assert main(["ls"]) == 0 and capsys.readouterr().out.split() == names
+    dest = tmp_path / "mine.yaml"
+    assert main(["cp", "llama3_8b/abmll", str(dest)]) == 0
+    assert dest.read_text() == resolve_config("llama3_8b/abmll").read_text()
+    dest.write_text("edited")
+    assert main(["cp", "llama3_8b/abmll", str(dest)]) == 2 and dest.read_text() == "edited"
+    assert main(["cp", "no/such", str(tmp_path / "x.yaml")]) == 2
+    assert "tiny/abmll" in capsys.readouterr().err
+    assert resolve_config(str(dest)) == dest

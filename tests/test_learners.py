@@ -266,3 +266,32 @@ def test_bf16_compute_keeps_float32_adapters_whose_small_updates_land(sampler, m
         model(episode.support[0]["tokens"])
     hook.remove()
     assert seen == [torch.bfloat16]  # the adapted projection computes in bf16
+
+
+@pytest.mark.parametrize("make_model,make_learner", [
+    (gaussian_lora_tiny_llama, lambda: ABMLL(test_lr=1e-2)),
+    (lora_tiny_llama, lambda: RegularLoRA(test_lr=1e-2)),
+    (lora_tiny_llama, lambda: StructuredLoRA(test_lr=1e-2)),
+    (lora_tiny_llama, lambda: Reptile(test_lr=1e-2)),
+    (lora_tiny_llama, lambda: Pretrained(test_lr=1e-2, test_time_adaptation=True)),
+])
+def test_adapted_restores_adapters_and_flags_even_when_the_block_raises(sampler, make_model, make_learner):
+    torch.manual_seed(0)
+    model = make_model()
+    with torch.no_grad():  # B != 0 so that every factor moves in the adaptation
+        for name, p in model.named_parameters():
+            if name.endswith("_b.weight"):
+                p.normal_(0.0, 0.02)
+    learner = make_learner()
+    learner.setup(model, torch.device("cpu"))
+    params = learner.adapter_params
+    before = {k: p.detach().clone() for k, p in params.items()}
+    flags = {k: p.requires_grad for k, p in params.items()}
+    support, _ = sampler.adaptation_split(sampler.task_names[0], 2, 4)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with learner.adapted(support):
+            assert any(not torch.equal(before[k], p) for k, p in params.items())  # it adapted
+            raise RuntimeError("inside the block")
+    assert all(torch.equal(before[k], p) for k, p in params.items())
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+    assert all(p.grad is None for p in params.values())

@@ -33,6 +33,9 @@ def test_each_method_runs_end_to_end(run_recipe, tmp_path, method):
     _ok(run_recipe("--config", f"tiny/{method}", f"output_dir={out}", "epochs=1"))
     res = _results(out)
     assert res["finished"] and res["split"] == "tiny" and res["seed"] == 0
+    from abmll.data import load_split, task_lists_sha256
+
+    assert res["split_file"] is None and res["task_lists_sha256"] == task_lists_sha256(load_split("tiny"))
     mean = res["test"]["mean"]
     assert set(mean) >= {"accuracy", "ece", "nll", "brier"}
     assert 0.0 <= mean["accuracy"] <= 1.0 and 0.0 <= mean["ece"] <= 1.0
@@ -259,3 +262,15 @@ def test_adapter_names_and_trainable_params_do_not_depend_on_activation_checkpoi
     assert wrapped_trainable == plain_trainable and len(plain_trainable) > 0
     assert set(wrapped.export_adapter()) == set(plain.export_adapter())
     assert not [k for k in wrapped.export_adapter() if "_checkpoint" in k]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_task_and_term(run_recipe, tmp_path):
+    """A learning rate that blows the adapters up: the run stops at the first non-finite term
+    with one line naming the step, task and term, exit status 1, and no results written."""
+    out = tmp_path / "nan"
+    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", "epochs=1", "learner.inner_lr=1e30")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("abmll_recipe: error:")]
+    assert "non-finite" in line and "at step 1 (epoch 1, task '" in line and "inner_nll=nan" in line
+    assert "no checkpoint was written yet" in line
+    assert not (out / "results.json").exists()

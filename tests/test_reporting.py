@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from abmll.reporting import (
-    betainc,
     load_results,
     mark_best,
     moving_average,
@@ -49,14 +48,6 @@ def test_student_t_tail_against_closed_forms_and_critical_values():
         assert 2 * student_t_sf(t, df) == pytest.approx(0.05, abs=2e-7)
     assert student_t_sf(0.0, 5.5) == pytest.approx(0.5)
     assert student_t_sf(math.inf, 3) == 0.0
-
-
-def test_betainc_against_mpmath():
-    mpmath = pytest.importorskip("mpmath")
-    for a, b, x in ((0.5, 0.5, 0.3), (1.3, 0.5, 0.9), (2.7, 0.5, 0.05), (50.0, 0.5, 0.99), (3.0, 7.0, 0.4)):
-        ref = float(mpmath.betainc(a, b, 0, x, regularized=True))
-        assert betainc(a, b, x) == pytest.approx(ref, rel=1e-11, abs=1e-14)
-    assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, 1.0) == 1.0
 
 
 def test_welch_t_test_known_values():
@@ -391,3 +382,16 @@ def test_comparison_variants_pairs_and_per_task(tmp_path):
     t1 = [r for r in csv.DictReader(io.StringIO(task_csv)) if r["task"] == "t1" and r["method"] == "ABMLL"][0]
     assert float(t1["accuracy_mean"]) == pytest.approx(0.61) and t1["n_seeds"] == "3"
     assert "| t2 |" in task_md
+
+
+def test_runs_on_other_tasks_under_the_same_split_name_are_not_pooled(tmp_path):
+    root = tmp_path / "runs"
+    for seed, sha, split_file in ((0, "aaa", None), (1, "aaa", None), (2, "bbb", "/my/split.yaml")):
+        out = fake_run(root, "bigbench-mc", "ABMLL", seed, 0.5, 0.1, epochs=1)
+        data = json.loads((out / "results.json").read_text())
+        data.update(task_lists_sha256=sha, split_file=split_file)
+        (out / "results.json").write_text(json.dumps(data))
+    results = load_results(root)
+    assert [r.seed for r in results.runs] == [0, 1]
+    [problem] = [p for p in results.problems if p.kind == "task-mismatch"]
+    assert "seed2" in str(problem.path) and "/my/split.yaml" in problem.message

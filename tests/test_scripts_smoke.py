@@ -111,7 +111,9 @@ def test_dry_runs_print_the_paper_grid(tmp_path):
     proc = script("reproduce_table2.py", "--profile", "paper", "--dry-run", "--methods", "abmll", "reptile")
     cmds = [l for l in proc.stdout.splitlines() if not l.startswith("#")]
     assert len(cmds) == 4 * 2 * 3
-    assert [c.split("split=")[1].split()[0] for c in cmds[::6]] == ["nli", "para", "cls45", "cls23"]
+    # Seed-major: a sweep stopped part-way leaves whole seeds (all splits and methods).
+    assert all("seed=0" in c for c in cmds[:8]) and all("seed=2" in c for c in cmds[16:])
+    assert [c.split("split=")[1].split()[0] for c in cmds[:8:2]] == ["nli", "para", "cls45", "cls23"]
 
     # Without data or weights the paper profile refuses to start.
     proc = script("reproduce_table1.py", "--profile", "paper", "--out", tmp_path)

@@ -11,7 +11,7 @@ from .prompt import (
     tokenize_example,
 )
 from .sampling import TaskSampler
-from .splits import known_splits, load_split
+from .splits import known_splits, load_split, task_lists_sha256
 
 __all__ = [
     "IGNORE_INDEX",
@@ -23,6 +23,7 @@ __all__ = [
     "format_prompt",
     "known_splits",
     "load_split",
+    "task_lists_sha256",
     "option_token_ids",
     "tokenize_example",
 ]

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from .examples import SplitTasks
 from .tiny import tiny_split
 
-__all__ = ["SPLITS_DIR", "known_splits", "load_split"]
+__all__ = ["known_splits", "load_split", "task_lists_sha256"]
 
 log = logging.getLogger(__name__)
-
-SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
 
 def known_splits() -> list[str]:
@@ -50,3 +47,13 @@ def load_split(
     from .metaicl import load_split_from_dir
 
     return load_split_from_dir(split, data_dir, split_file=split_file, k=k, seed=seed)
+
+
+def task_lists_sha256(split: SplitTasks) -> str:
+    """SHA-256 of the split's sorted train/val/test task names: two runs with the same split
+    name but different tasks (a ``data.split_file``) get different hashes."""
+    import hashlib
+    import json
+
+    lists = {part: sorted(getattr(split, part)) for part in ("train", "val", "test")}
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()

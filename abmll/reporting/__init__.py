@@ -10,7 +10,7 @@
 """
 
 from .results import Problem, ResultSet, RunResult, load_results
-from .stats import Summary, betainc, moving_average, student_t_sf, summarize, welch_t_test
+from .stats import Summary, moving_average, student_t_sf, summarize, welch_t_test
 from .tables import Table, mark_best, table1, table2, table3
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "RunResult",
     "load_results",
     "Summary",
-    "betainc",
     "moving_average",
     "student_t_sf",
     "summarize",

@@ -144,18 +144,11 @@ class _SavedTensorMeter:
 
 
 def _load_config(name: str, overrides: Sequence[str]):
-    from importlib.resources import files
-
     from omegaconf import OmegaConf
 
-    path = Path(name)
-    if not path.is_file():
-        stem = name[:-5] if name.endswith(".yaml") else name
-        packaged = files("abmll.configs").joinpath(f"{stem}.yaml")
-        if not packaged.is_file():
-            raise FileNotFoundError(f"no config {name!r} (neither a file nor a packaged config)")
-        path = Path(str(packaged))
-    cfg = OmegaConf.load(path)
+    from abmll.config_registry import resolve_config
+
+    cfg = OmegaConf.load(resolve_config(name))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg

@@ -351,6 +351,26 @@ def load_results(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> ResultS
         by_key[key] = r
         kept.append(r)
 
+    # One split name, one set of tasks: runs on other task lists (a data.split_file reusing the
+    # name) are not pooled into the same cells. The first hash in path order is the split's.
+    tasks_of: Dict[str, Tuple[str, Path]] = {}
+    same_tasks: List[RunResult] = []
+    for r in kept:
+        sha = r.data.get("task_lists_sha256")
+        if sha is None:  # results written before the hash was recorded
+            same_tasks.append(r)
+            continue
+        first = tasks_of.setdefault(r.split, (sha, r.path))
+        if sha != first[0]:
+            problems.append(
+                Problem(r.path, "task-mismatch",
+                        f"split {r.split!r} with other tasks than {first[1]} (split_file "
+                        f"{r.data.get('split_file')!r}); not pooled: give the split another name")
+            )
+            continue
+        same_tasks.append(r)
+    kept = same_tasks
+
     # Seeds of one group should differ only in the seed (and paths).
     groups: Dict[tuple, List[RunResult]] = defaultdict(list)
     for r in kept:

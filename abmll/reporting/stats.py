@@ -1,9 +1,8 @@
 """Small statistics for the tables: mean ± standard error, Welch's t-test, moving average.
 
-Pure Python (``math`` only): SciPy is not a dependency. The Student-t tail probability comes
-from the regularized incomplete beta function, evaluated with the continued fraction of
-Numerical Recipes (modified Lentz), accurate to ~1e-12 for the degrees of freedom that occur
-here; ``tests/test_reporting.py`` checks it against closed forms and ``mpmath``.
+The Student-t tail probability is SciPy's (the field's standard); Welch's statistic and
+degrees of freedom are written out so that the degenerate cases (zero variance, n < 2) say
+what they mean instead of returning NaN.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Iterable, List, Optional, Sequence
 __all__ = [
     "Summary",
     "summarize",
-    "betainc",
     "student_t_sf",
     "welch_t_test",
     "moving_average",
@@ -55,63 +53,13 @@ def summarize(values: Iterable[float]) -> Optional[Summary]:
     return Summary(mean, std, std / math.sqrt(n), n, tuple(vals))
 
 
-def _betacf(a: float, b: float, x: float, max_iter: int = 10_000, eps: float = 1e-15) -> float:
-    """Continued fraction for the incomplete beta function (Numerical Recipes ``betacf``)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    if abs(d) < tiny:
-        d = tiny
-    d = 1.0 / d
-    h = d
-    for m in range(1, max_iter + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = tiny if abs(d) < tiny else d
-        c = 1.0 + aa / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = tiny if abs(d) < tiny else d
-        c = 1.0 + aa / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            return h
-    raise ArithmeticError(f"betainc({a}, {b}, {x}): continued fraction did not converge")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"betainc: a and b must be > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc: x must be in [0, 1], got {x}")
-    if x == 0.0 or x == 1.0:
-        return x
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(log_front)
-    # The continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
 def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with ``df`` (> 0, not necessarily integer) degrees of freedom."""
-    if df <= 0:
+    """P(T > t) for Student's t with ``df`` degrees of freedom (SciPy's ``t.sf``)."""
+    if not df > 0:
         raise ValueError(f"student_t_sf: df must be > 0, got {df}")
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return tail if t >= 0 else 1.0 - tail
+    from scipy.stats import t as student_t
+
+    return float(student_t.sf(t, df))
 
 
 @dataclass(frozen=True)

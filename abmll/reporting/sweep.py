@@ -61,6 +61,8 @@ METHOD_CONFIGS = {
     "ABMLL": "abmll",
     "ABMLL-FO": "abmll_first_order",
 }
+# What the scripts run unless --methods says otherwise: the paper's Table 1 rows.
+PAPER_METHODS = ("Pretrained", "RegularLoRA", "StructuredLoRA", "Reptile", "ABMLL")
 # A variant is a packaged config plus overrides (``{prefix}/{config}.yaml key=value``).
 METHOD_VARIANTS = {
     "PretrainedTTA": ("pretrained", ("learner.test_time_adaptation=true",)),
@@ -228,12 +230,11 @@ def table1_specs(profile: Profile, out: Path, splits: Sequence[str], methods: Se
 def config_beta(profile: Profile) -> float:
     """The beta of the profile's ABMLL config (1e-8 if it cannot be read)."""
     try:
-        from importlib.resources import files
-
         from omegaconf import OmegaConf
 
-        path = files("abmll.configs").joinpath(f"{profile.config_prefix}/abmll.yaml")
-        return float(OmegaConf.load(str(path)).learner.beta)
+        from abmll.config_registry import resolve_config
+
+        return float(OmegaConf.load(resolve_config(f"{profile.config_prefix}/abmll")).learner.beta)
     except Exception:
         return 1e-8
 
@@ -477,7 +478,8 @@ def build_parser(what: str, description: str) -> argparse.ArgumentParser:
         p.add_argument("--splits", nargs="+", default=None, help="splits (default: the profile's)")
     if what != "table3":
         p.add_argument("--methods", nargs="+", default=None,
-                       help="methods (default all: " + " ".join(METHOD_CONFIGS.values()) + ")")
+                       help="methods (default the paper's: " + " ".join(METHOD_CONFIGS[m] for m in PAPER_METHODS)
+                       + "; also: " + " ".join(v for k, v in METHOD_CONFIGS.items() if k not in PAPER_METHODS) + ")")
     if what == "table3":
         p.add_argument("--betas", nargs="+", default=None,
                        help="log10 beta values (default 0 -5 -8 -16)")
@@ -541,7 +543,7 @@ def main(what: str, argv: Optional[Sequence[str]] = None, log: Callable[[str], N
         splits, methods = [split], ["ABMLL"]
         specs = table3_specs(profile, out, split, betas, seeds, common)
     else:
-        methods = _method_list(args.methods) or list(METHOD_CONFIGS)
+        methods = _method_list(args.methods) or list(PAPER_METHODS)
         if what == "figure2":
             splits = [args.split or profile.figure_split]
         elif what == "table2":
