@@ -43,7 +43,7 @@ from abmll.config_registry import resolve_config
 from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
-from abmll.modules import gaussian_lora_modules, set_gaussian_mode
+from abmll.modules import gaussian_lora_modules, gaussian_mode
 from abmll.modules.names import clean_name
 
 log = utils.get_logger("INFO")
@@ -310,8 +310,7 @@ class ABMLLRecipe:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, sampler: TaskSampler, desc: str) -> Dict[str, Any]:
-        set_gaussian_mode(self.model, self.eval_mode)
-        try:
+        with gaussian_mode(self.model, self.eval_mode):
             return evaluate_unseen_tasks(
                 self.learner,
                 sampler,
@@ -322,8 +321,6 @@ class ABMLLRecipe:
                 n_bins=self.ece_bins,
                 desc=desc,
             )
-        finally:
-            set_gaussian_mode(self.model, "sample")
 
     def _log_eval(self, prefix: str, result: Dict[str, Any], epoch: int) -> None:
         metrics = {f"{prefix}/{k}": v for k, v in result["mean"].items()}

@@ -18,7 +18,7 @@ from abmll.data import TaskSampler, load_split, option_token_ids
 from abmll.evaluation import evaluate_unseen_tasks
 from abmll.learners import Pretrained
 from abmll.models import SmolLM2Checkpointer, gaussian_lora_smollm2_135m, smollm2_tokenizer
-from abmll.modules import gaussian_lora_modules, set_gaussian_mode
+from abmll.modules import DEFAULT_C, gaussian_lora_modules, gaussian_mode
 
 
 def main() -> None:
@@ -26,7 +26,8 @@ def main() -> None:
     cache = os.environ.get("ABMLL_CACHE", os.path.expanduser("~/.cache/abmll"))
     p.add_argument("--data-dir", default=os.path.join(cache, "bigbench-mc"))
     p.add_argument("--split", default="bigbench-mc")
-    p.add_argument("--c", type=float, nargs="+", default=[-20.0, -12.0, -8.0, -5.0])
+    # The first c is also the one the "mean" row uses: the layers' default.
+    p.add_argument("--c", type=float, nargs="+", default=[DEFAULT_C, -12.0, -8.0, -5.0])
     p.add_argument("--max-eval", type=int, default=40, help="examples per task")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -48,11 +49,11 @@ def main() -> None:
         for c in cs:
             for _, layer in gaussian_lora_modules(model):
                 layer.c = c
-            set_gaussian_mode(model, mode)
-            res = evaluate_unseen_tasks(
-                learner, sampler, option_ids, num_support=5, max_eval_examples=args.max_eval,
-                desc=f"{mode} c={c:g}",
-            )
+            with gaussian_mode(model, mode):
+                res = evaluate_unseen_tasks(
+                    learner, sampler, option_ids, num_support=5, max_eval_examples=args.max_eval,
+                    desc=f"{mode} c={c:g}",
+                )
             rows.append((mode, "-" if mode == "mean" else f"{c:g}", res["mean"]["accuracy"], res["mean"]["ece"]))
             print(f"{mode:6} c={rows[-1][1]:>4}: accuracy {rows[-1][2]:.4f} ECE {rows[-1][3]:.4f}", flush=True)
 

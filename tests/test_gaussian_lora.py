@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_adapter_state_dict
 
 from abmll.models import add_gaussian_lora, gaussian_lora_tiny_llama, gaussian_lora_llama3_8b, tiny_llama
-from abmll.modules import PAIRS, GaussianLoRALinear, gaussian_lora_modules, set_gaussian_mode
+from abmll.modules import PAIRS, GaussianLoRALinear, gaussian_lora_modules, gaussian_mode, set_gaussian_mode
 from abmll.modules.gaussian_lora import (
     SAMPLINGS,
     _SampledWeightLinear,
@@ -415,3 +415,31 @@ def test_eval_sample_under_bf16_autocast_builds_log_variance_in_float32():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
     assert not torch.allclose(rounded, ref, rtol=1e-3, atol=0)  # the bug this guards against
+
+
+def test_gaussian_mode_sets_every_layer_and_restores_each_previous_mode_also_on_error():
+    model = gaussian_lora_tiny_llama()
+    layers = [m for _, m in gaussian_lora_modules(model)]
+    # Mixed modes on entry: the context must put back each layer's own mode, not "sample".
+    before = ["mean" if i % 2 else "sample" for i in range(len(layers))]
+    for layer, mode in zip(layers, before):
+        layer.mode = mode
+    with gaussian_mode(model, "mean"):
+        assert {m.mode for m in layers} == {"mean"}
+        with gaussian_mode(model, "sample"):
+            assert {m.mode for m in layers} == {"sample"}
+        assert {m.mode for m in layers} == {"mean"}
+    assert [m.mode for m in layers] == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with gaussian_mode(model, "sample"):
+            assert {m.mode for m in layers} == {"sample"}
+            raise RuntimeError("boom")
+    assert [m.mode for m in layers] == before
+
+
+def test_gaussian_mode_rejects_a_bad_mode_naming_the_allowed_ones_and_changes_nothing():
+    model = gaussian_lora_tiny_llama()
+    with pytest.raises(ValueError, match=r"'sample', 'mean'.*'Mean'"):
+        with gaussian_mode(model, "Mean"):
+            pass
+    assert {m.mode for _, m in gaussian_lora_modules(model)} == {"sample"}

@@ -195,3 +195,53 @@ def test_model_answer_nll_equals_full_logits_nll(builder):
     # the model is left as it was
     assert "unembed" not in vars(model)
     assert model(tokens).shape[-1] in (264, 300)
+
+
+def _final_hidden_models():
+    from abmll.models import tiny_llama
+
+    torch.manual_seed(0)
+    plain = tiny_llama()
+    gauss = gaussian_lora_tiny_llama()
+    _randomise_adapters(gauss)  # mu_phi != 0, so the adapters take part in the comparison
+    return {"tiny_llama": plain, "gaussian_lora_tiny_llama": gauss}
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "gaussian_lora_tiny_llama"])
+@pytest.mark.parametrize("mode", ["mean", "sample"])
+def test_final_hidden_states_then_output_is_torchtunes_forward(name, mode):
+    # final_hidden_states shadows TransformerDecoder.unembed: if torchtune's forward stopped
+    # going through unembed (or unembed did more than norm + output), this comparison breaks.
+    from abmll.modules import gaussian_mode
+    from abmll.objectives import final_hidden_states
+
+    model = _final_hidden_models()[name].eval()
+    tokens = torch.randint(0, 256, (3, 10))
+    with torch.no_grad(), gaussian_mode(model, mode):
+        # "sample" draws one weight sample per forward from the global RNG: same seed, same W.
+        torch.manual_seed(1)
+        hidden = final_hidden_states(model, tokens)
+        torch.manual_seed(1)
+        reference = model(tokens)
+        assert "unembed" not in vars(model)  # restored: the next forward is torchtune's own
+        assert hidden.shape == (3, 10, model.tok_embeddings.embedding_dim)
+        torch.testing.assert_close(model.output(hidden).float(), reference)
+        # torchtune's chunked output (num_output_chunks) is bypassed as well.
+        model.set_num_output_chunks(4)
+        torch.manual_seed(1)
+        chunked = torch.cat(model(tokens), dim=1)
+        torch.manual_seed(1)
+        torch.testing.assert_close(final_hidden_states(model, tokens), hidden)
+    torch.testing.assert_close(model.output(hidden).float(), chunked)
+
+
+def test_final_hidden_states_restores_unembed_when_the_forward_raises():
+    from abmll.objectives import final_hidden_states
+
+    model = _final_hidden_models()["tiny_llama"]
+    bad = torch.full((1, 4), 10_000)  # outside the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        final_hidden_states(model, bad)
+    assert "unembed" not in vars(model)
+    tokens = torch.randint(0, 256, (1, 4))
+    assert model(tokens).shape == (1, 4, 264)  # logits again, not hidden states

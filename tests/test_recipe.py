@@ -79,6 +79,19 @@ def test_same_seed_same_numbers_and_resume_matches_uninterrupted(run_recipe, tmp
     assert c == a
 
 
+@pytest.mark.parametrize("method", ["regular_lora", "structured_lora"])
+def test_baseline_resume_matches_uninterrupted(run_recipe, tmp_path, method):
+    # These learners keep one AdamW across epochs (moments and step count): a resume that lost
+    # or re-created the optimizer state would take a different second epoch.
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    args = ["--config", f"tiny/{method}", "epochs=2", "data.max_eval_examples_per_task=8"]
+    _ok(run_recipe(*args, f"output_dir={full}"))
+    _ok(run_recipe(*args, f"output_dir={stopped}", "stop_after_epoch=1"))
+    assert not (stopped / "results.json").exists()
+    _ok(run_recipe(*args, f"output_dir={stopped}", "resume_from_checkpoint=True"))
+    assert _numbers(_results(stopped)) == _numbers(_results(full))
+
+
 def test_a_finished_run_is_not_overwritten(run_recipe, tmp_path):
     out = tmp_path / "run"
     _ok(run_recipe("--config", "tiny/pretrained", f"output_dir={out}"))

@@ -19,6 +19,9 @@ log = utils.get_logger("INFO")
 OUTER_GRADIENTS = ("kl_only", "first_order")
 #: The default reading; the one place to change it.
 DEFAULT_OUTER_GRADIENT = "kl_only"
+#: Weight of both KL terms (paper: 1e-8); the reporting falls back to it for a run whose
+#: config does not name learner.beta.
+DEFAULT_BETA = 1e-8
 
 
 def _grad_norm(params: List[nn.Parameter]) -> float:
@@ -66,7 +69,7 @@ class ABMLL(Learner):
         inner_lr: float = 1e-5,
         outer_lr: float = 5e-5,
         test_lr: float = 1e-5,
-        beta: float = 1e-8,
+        beta: float = DEFAULT_BETA,
         a0: float = 1.0,
         b0: float = 0.01,
         num_query_batches: int = 1,

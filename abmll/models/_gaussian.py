@@ -7,7 +7,7 @@ from typing import List, Sequence
 from torch import nn
 from torchtune.modules import MultiHeadAttention
 
-from abmll.modules import GaussianLoRALinear
+from abmll.modules import DEFAULT_C, GaussianLoRALinear
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
 #: The paper's Table 5: LoRA on the query, value and output projections.
@@ -19,7 +19,7 @@ def add_gaussian_lora(
     lora_attn_modules: Sequence[str] = tuple(DEFAULT_LORA_ATTN_MODULES),
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> nn.Module:
     """Swap the named projections of every attention block for ``GaussianLoRALinear``.
 

@@ -15,6 +15,7 @@ from torchtune.models.qwen2 import qwen2_7b
 from torchtune.modules import TransformerDecoder
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.modules import DEFAULT_C
 
 _DEFAULT = tuple(DEFAULT_LORA_ATTN_MODULES)
 
@@ -23,7 +24,7 @@ def gaussian_lora_llama3_8b(
     lora_attn_modules: Sequence[str] = _DEFAULT,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     """Llama3-8B (the paper's model) with Gaussian LoRA on q/v/output by default."""
     return add_gaussian_lora(llama3_8b(), lora_attn_modules, lora_rank, lora_alpha, c)
@@ -33,7 +34,7 @@ def gaussian_lora_llama3_1_8b(
     lora_attn_modules: Sequence[str] = _DEFAULT,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     return add_gaussian_lora(llama3_1_8b(), lora_attn_modules, lora_rank, lora_alpha, c)
 
@@ -42,7 +43,7 @@ def gaussian_lora_llama3_2_1b(
     lora_attn_modules: Sequence[str] = _DEFAULT,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     return add_gaussian_lora(llama3_2_1b(), lora_attn_modules, lora_rank, lora_alpha, c)
 
@@ -51,7 +52,7 @@ def gaussian_lora_llama3_2_3b(
     lora_attn_modules: Sequence[str] = _DEFAULT,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     return add_gaussian_lora(llama3_2_3b(), lora_attn_modules, lora_rank, lora_alpha, c)
 
@@ -60,7 +61,7 @@ def gaussian_lora_qwen2_7b(
     lora_attn_modules: Sequence[str] = _DEFAULT,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     """Qwen2-7B; its q/k/v projections carry a bias, which stays frozen."""
     return add_gaussian_lora(qwen2_7b(), lora_attn_modules, lora_rank, lora_alpha, c)

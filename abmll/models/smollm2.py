@@ -51,6 +51,7 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.modules import DEFAULT_C
 from abmll.models._gguf import (
     PathLike,
     cache_root,
@@ -128,7 +129,7 @@ def gaussian_lora_smollm2_135m(
     lora_attn_modules: Sequence[str] = tuple(DEFAULT_LORA_ATTN_MODULES),
     lora_rank: int = 8,
     lora_alpha: float = 16,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     """SmolLM2-135M with ``GaussianLoRALinear`` (ABMLL) on the named attention projections.
 

@@ -16,6 +16,7 @@ from torchtune.models.llama3._component_builders import llama3
 from torchtune.modules import TransformerDecoder
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.modules import DEFAULT_C
 
 _MERGED = (" A", " B", " C", " D")
 TINY_VOCAB_SIZE = 264  # 256 bytes + bos, eos, pad + 4 merged letters, rounded up
@@ -65,7 +66,7 @@ def gaussian_lora_tiny_llama(
     lora_attn_modules: Sequence[str] = tuple(DEFAULT_LORA_ATTN_MODULES),
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    c: float = -20.0,
+    c: float = DEFAULT_C,
 ) -> TransformerDecoder:
     """Tiny decoder with ``GaussianLoRALinear`` on the given attention projections."""
     return add_gaussian_lora(tiny_llama(), lora_attn_modules, lora_rank, lora_alpha, c)

@@ -1,17 +1,21 @@
 from abmll.modules.gaussian_lora import (
+    DEFAULT_C,
     GaussianLoRALinear,
     PAIRS,
     PHI_PAIRS,
     THETA_PAIRS,
     gaussian_lora_modules,
+    gaussian_mode,
     set_gaussian_mode,
 )
 
 __all__ = [
+    "DEFAULT_C",
     "GaussianLoRALinear",
     "PAIRS",
     "PHI_PAIRS",
     "THETA_PAIRS",
     "gaussian_lora_modules",
+    "gaussian_mode",
     "set_gaussian_mode",
 ]

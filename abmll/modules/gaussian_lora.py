@@ -40,6 +40,7 @@ The forward pass uses the task posterior ``q``. Three modes (``GaussianLoRALinea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, List, Tuple
 
@@ -55,6 +56,8 @@ PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta", "mu_phi", "lv_phi")
 THETA_PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta")
 PHI_PAIRS: Tuple[str, ...] = ("mu_phi", "lv_phi")
 MODES = ("sample", "mean")
+#: Default log-variance offset ``c`` (README, interpretation note 1); the model builders' default.
+DEFAULT_C = -20.0
 #: Training-time estimators (``GaussianLoRALinear.sampling``); see the module docstring.
 SAMPLINGS = ("local", "weight")
 #: Dtypes in which the frozen weight resolves the noise of a weight sample (fold W0 + noise).
@@ -82,7 +85,7 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         out_dim: int,
         rank: int,
         alpha: float,
-        c: float = -20.0,
+        c: float = DEFAULT_C,
         use_bias: bool = False,
         sampling: str = "local",
     ):
@@ -335,9 +338,40 @@ def set_gaussian_sampling(model: nn.Module, sampling: str) -> None:
         module.sampling = sampling
 
 
-def set_gaussian_mode(model: nn.Module, mode: str) -> None:
-    """Switch every Gaussian LoRA layer between ``"sample"`` and ``"mean"``."""
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def set_gaussian_mode(model: nn.Module, mode: str) -> None:
+    """Switch every Gaussian LoRA layer between ``"sample"`` and ``"mean"``, for good.
+
+    Prefer :func:`gaussian_mode`, which puts the previous modes back.
+    """
+    _check_mode(mode)
     for _, module in gaussian_lora_modules(model):
         module.mode = mode
+
+
+@contextlib.contextmanager
+def gaussian_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily put every Gaussian LoRA layer of ``model`` in ``mode`` (``"sample"`` or
+    ``"mean"``), in the manner of torchtune's ``disable_adapter``.
+
+    On exit, also on an exception, each layer gets back the mode it had on entry (not a fixed
+    ``"sample"``), so nested uses and callers that had chosen a mode are left as they were.
+    A model without Gaussian layers is left untouched.
+
+    Example:
+        >>> with gaussian_mode(model, "mean"):
+        ...     logits = model(tokens)  # deterministic: W = W0 + mu_phi
+    """
+    _check_mode(mode)  # before anything changes
+    previous = [(module, module.mode) for _, module in gaussian_lora_modules(model)]
+    try:
+        for module, _ in previous:
+            module.mode = mode
+        yield
+    finally:
+        for module, old in previous:
+            module.mode = old

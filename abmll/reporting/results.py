@@ -245,7 +245,11 @@ def _parse(path: Path) -> Union[RunResult, Problem]:
             except (TypeError, ValueError):
                 return Problem(path, "corrupt", f"config.learner.beta is not a number: {learner_cfg['beta']!r}")
         else:
-            beta = 1e-8  # the learner's default
+            # The learner's own default; imported here, not at the top, because the reporting
+            # is otherwise pure Python and this (torch) import is needed only for such runs.
+            from abmll.learners.abmll import DEFAULT_BETA
+
+            beta = DEFAULT_BETA
     try:
         seed = int(data["seed"])
     except (TypeError, ValueError):

@@ -228,7 +228,7 @@ def table1_specs(profile: Profile, out: Path, splits: Sequence[str], methods: Se
 
 
 def config_beta(profile: Profile) -> float:
-    """The beta of the profile's ABMLL config (1e-8 if it cannot be read)."""
+    """The beta of the profile's ABMLL config (the learner's default if it cannot be read)."""
     try:
         from omegaconf import OmegaConf
 
@@ -236,7 +236,9 @@ def config_beta(profile: Profile) -> float:
 
         return float(OmegaConf.load(resolve_config(f"{profile.config_prefix}/abmll")).learner.beta)
     except Exception:
-        return 1e-8
+        from abmll.learners.abmll import DEFAULT_BETA
+
+        return DEFAULT_BETA
 
 
 def table3_specs(profile: Profile, out: Path, split: str, betas: Sequence[float],
