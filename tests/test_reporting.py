@@ -378,6 +378,16 @@ def test_comparison_variants_pairs_and_per_task(tmp_path):
     assert f"{p:.3f}" in line and "-8.0" in line  # 43 - 51 points
     noisy = next(l for l in md.splitlines() if l.startswith("| ABMLL | ABMLL (first-order) |"))
     assert "*" not in noisy.split("|")[4]  # 51 vs 49 +- 3.5: not separable
+    # Paired over the 3 common seeds: scipy's ttest_rel on the seed-matched values.
+    from scipy.stats import ttest_rel
+
+    from abmll.reporting.compare import paired_p
+
+    ref = ttest_rel(accs["ABMLL"], accs["PretrainedTTA"]).pvalue
+    assert paired_p(by_method["ABMLL"], by_method["PretrainedTTA"], "accuracy") == (pytest.approx(ref), 3)
+    assert f"{ref:.3f}" in line.split("|")[5] and "(3)" in line.split("|")[5]
+    # A gain on every seed (2, 4, 3 points) is separated by the pairing.
+    assert paired_p(by_method["PretrainedTTA"], by_method["Pretrained"], "accuracy")[0] < 0.05
     task_md, task_csv = per_task_tables(by_method, "s")
     t1 = [r for r in csv.DictReader(io.StringIO(task_csv)) if r["task"] == "t1" and r["method"] == "ABMLL"][0]
     assert float(t1["accuracy_mean"]) == pytest.approx(0.61) and t1["n_seeds"] == "3"

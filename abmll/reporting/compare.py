@@ -70,6 +70,25 @@ def _p(a: Sequence[float], b: Sequence[float]) -> str:
     return "n/a" if t is None else f"{t.p_value:.3f}"
 
 
+def paired_p(a_runs: Sequence[RunResult], b_runs: Sequence[RunResult], metric: str) -> Tuple[Optional[float], int]:
+    """Two-sided paired t-test over the seeds both methods ran, and how many there are.
+
+    Within a seed every method is tested on the same examples (the test split is drawn from the
+    seed), so the per-seed differences remove the variation that comes from which examples
+    were drawn; Welch's test over seeds, which ignores the pairing, keeps it."""
+    a = {r.seed: r.test_metrics()[metric] for r in a_runs}
+    b = {r.seed: r.test_metrics()[metric] for r in b_runs}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None, len(seeds)
+    diffs = [a[s] - b[s] for s in seeds]
+    if all(d == diffs[0] for d in diffs):  # no spread: the test is undefined, the sign is not
+        return (1.0 if diffs[0] == 0 else 0.0), len(seeds)
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(seeds)
+
+
 def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha: float = 0.05) -> str:
     lines = [
         f"## {split}: methods (test, unweighted mean over unseen tasks; mean ± SE over seeds)",
@@ -85,10 +104,12 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
         )
     lines += [
         "",
-        f"Pairs (row minus column; two-sided Welch t-test over seeds; * marks p < {alpha:g}):",
+        f"Pairs (A minus B). Welch: two-sided Welch t-test over seeds; paired: two-sided paired "
+        f"t-test over the seeds both ran (same test examples within a seed; n = common seeds); "
+        f"* marks p < {alpha:g}.",
         "",
-        "| A | B | Δ accuracy (points) | p | Δ ECE | p |",
-        "|---|---|---:|---:|---:|---:|",
+        "| A | B | Δ accuracy (points) | Welch p | paired p (n) | Δ ECE | Welch p | paired p (n) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for a, b in itertools.combinations(by_method, 2):
         row = []
@@ -97,7 +118,9 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
             diff = (summarize(va).mean - summarize(vb).mean) * scale
             t = welch_t_test(va, vb)
             star = "*" if t is not None and t.p_value < alpha else ""
-            row += [f"{diff:+.{digits}f}", (_p(va, vb) + star)]
+            pp, n = paired_p(by_method[a], by_method[b], metric)
+            paired = "n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")
+            row += [f"{diff:+.{digits}f}", (_p(va, vb) + star), f"{paired} ({n})"]
         lines.append(f"| {method_label(a)} | {method_label(b)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
