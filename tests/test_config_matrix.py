@@ -21,8 +21,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from test_configs import METHODS  # one list of the packaged methods for both config tests
+
 FAMILIES = ["llama3_8b", "smollm2_135m"]
-METHODS = ["abmll", "regular_lora", "structured_lora", "reptile", "pretrained"]
 
 # The tiny model of the same kind as each shipped model: same builder keys, tiny shape.
 TINY_MODEL = {
