@@ -23,16 +23,21 @@ def save_peft_adapter(
     adapter: Dict[str, torch.Tensor],
     model: nn.Module,
     out_dir: Path,
-    rank: int,
-    alpha: float,
+    rank: Optional[int] = None,
+    alpha: Optional[float] = None,
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``out_dir``.
 
     ``adapter`` uses torchtune names (``layers.0.attn.q_proj.lora_a.weight``); torchtune's
     converter maps them to Hugging Face names and permutes the q/k ``lora_B`` rows into
-    Hugging Face's rotary layout, using the attention shape read off ``model``.
+    Hugging Face's rotary layout, using the attention shape read off ``model``. ``rank`` and
+    ``alpha`` default to those of the model's (first) LoRA layer.
     """
+    if rank is None or alpha is None:
+        layer = next(m for m in model.modules() if hasattr(m, "rank") and hasattr(m, "alpha"))
+        rank = layer.rank if rank is None else rank
+        alpha = layer.alpha if alpha is None else alpha
     # torchtune's converter knows only unwrapped names: accept names read off a model under
     # activation checkpointing too (abmll.modules.names).
     adapter = {clean_name(k): v for k, v in adapter.items()}

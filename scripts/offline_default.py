@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from abmll.cache import cache_root
 
 # One epoch over the 33 training tasks and no validation (with one epoch there is nothing to
 # select), so that the whole job fits in about 15 minutes on 2 CPU cores. The configs
@@ -36,10 +36,6 @@ CONFIG_PREFIXES = {
     "smollm2_135m": ("SmolLM2-135M", True),
     "tiny": ("tiny random model", False),
 }
-
-
-def _cache() -> Path:
-    return Path(os.environ.get("ABMLL_CACHE", Path.home() / ".cache" / "abmll"))
 
 
 def _bin(name: str) -> str:
@@ -78,7 +74,7 @@ def main() -> None:
 
     data_args = []
     if uses_bigbench:
-        data_dir = Path(args.data_dir) if args.data_dir else _cache() / "bigbench-mc"
+        data_dir = Path(args.data_dir) if args.data_dir else cache_root() / "bigbench-mc"
         _run([_bin("abmll-data"), "prepare", "bigbench-mc", "--out", str(data_dir)], "BIG-bench tasks")
         data_args = [f"data.data_dir={data_dir}"]
 

@@ -143,3 +143,90 @@ def test_cli(tmp_path, sources, capsys):
     assert main(args) == 0 and "nothing done" in capsys.readouterr().out
     assert main(["check", "bogus", "--data-dir", str(tmp_path)]) == 2
     assert "config key `split`" in capsys.readouterr().err
+
+
+# --- a failed or killed rebuild never costs the previous build ---------------------------------
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _assert_loadable(tmp_path: Path, out: Path) -> None:
+    sf = tmp_path / "s.yaml"
+    sf.write_text(yaml.safe_dump({"train": ["good_binary"], "test": ["good_four"]}))
+    split = load_split("fake", str(out), split_file=str(sf))
+    assert len(split.val["good_four"]) == 55 and len(split.test["good_four"]) == 55
+
+
+def test_failed_rebuild_keeps_the_previous_build(tmp_path, sources, monkeypatch):
+    import abmll.data.bigbench as bb
+
+    out = tmp_path / "bb"
+    build_bigbench_mc(out, progress=False, **sources)
+    before = _snapshot(out)
+    written = []
+
+    def fail_on_second_task(root, name, recs):
+        if written:
+            raise OSError("disk full")  # half way through writing the new build
+        written.append(name)
+        return real_write_task(root, name, recs)
+
+    real_write_task = bb._write_task
+    monkeypatch.setattr(bb, "_write_task", fail_on_second_task)
+    with pytest.raises(OSError, match="disk full"):
+        build_bigbench_mc(out, progress=False, rebuild=True, **sources)
+    assert written  # the failure came mid-build, after a task was written
+    assert _snapshot(out) == before  # the old build, byte for byte
+    assert not list(tmp_path.glob(".bb.*"))  # the half-written build is gone
+    _assert_loadable(tmp_path, out)
+    monkeypatch.undo()
+    assert build_bigbench_mc(out, progress=False, **sources)["skipped"] is True
+
+
+def test_failed_swap_puts_the_previous_build_back(tmp_path, sources, monkeypatch):
+    """The new build is complete but renaming it into place fails: the old one returns."""
+    import abmll.atomic
+
+    out = tmp_path / "bb"
+    build_bigbench_mc(out, progress=False, **sources)
+    before = _snapshot(out)
+    real_rename = abmll.atomic.os.rename
+
+    def rename(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("rename refused")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(abmll.atomic.os, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        build_bigbench_mc(out, progress=False, rebuild=True, extras=False, sdist=sources["sdist"])
+    monkeypatch.undo()
+    assert _snapshot(out) == before and not list(tmp_path.glob(".bb.*"))
+    _assert_loadable(tmp_path, out)
+
+
+def test_leftovers_of_a_crashed_build_are_cleaned_and_a_set_aside_build_restored(tmp_path, sources):
+    out = tmp_path / "bb"
+    build_bigbench_mc(out, progress=False, **sources)
+    before = _snapshot(out)
+    # killed between the two renames of the swap: the complete old build is set aside, the new
+    # one still partial; also an older killed run's partial folder
+    (out).rename(tmp_path / ".bb.old-4242-0a1b2c3d")
+    (tmp_path / ".bb.partial-4242-deadbeef" / "good_four").mkdir(parents=True)
+    (tmp_path / ".bb.partial-17-cafecafe").mkdir()
+    s = build_bigbench_mc(out, progress=False, **sources)
+    assert s["skipped"] is True  # the set-aside build was put back, not rebuilt
+    assert _snapshot(out) == before and not list(tmp_path.glob(".bb.*"))
+    _assert_loadable(tmp_path, out)
+    # killed after the swap, before the old build was deleted: the old copy is removed
+    (tmp_path / ".bb.old-99-0000ffff" / "good_four").mkdir(parents=True)
+    (tmp_path / ".bb.old-99-0000ffff" / MARKER).write_text("{}")
+    assert build_bigbench_mc(out, progress=False, **sources)["skipped"] is True
+    assert _snapshot(out) == before and not list(tmp_path.glob(".bb.*"))
+    # an incomplete set-aside folder is never taken for a build
+    out.rename(tmp_path / "keep")
+    (tmp_path / ".bb.old-5-11111111").mkdir()
+    s = build_bigbench_mc(out, progress=False, **sources)
+    assert s["skipped"] is False and not list(tmp_path.glob(".bb.*"))

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from torchtune.data import Message  # noqa: E402
 
+from abmll.models import _smollm2_convert as C  # noqa: E402
 from abmll.models import smollm2 as S  # noqa: E402
 from abmll.modules import GaussianLoRALinear, set_gaussian_mode  # noqa: E402
 
@@ -105,12 +106,12 @@ def test_gguf_metadata_is_checked():
     from abmll.models._gguf import gguf_metadata
 
     meta = gguf_metadata(gguf.GGUFReader(str(S.fetch_smollm2_gguf())))
-    S._check_metadata(meta)
+    C._check_metadata(meta)
     assert meta["tokenizer.ggml.add_bos_token"] is False
     with pytest.raises(ValueError, match="head_count_kv"):
-        S._check_metadata({**meta, "llama.attention.head_count_kv": 9})
+        C._check_metadata({**meta, "llama.attention.head_count_kv": 9})
     with pytest.raises(ValueError, match="scaling"):
-        S._check_metadata({**meta, "llama.rope.scaling.type": "linear"})
+        C._check_metadata({**meta, "llama.rope.scaling.type": "linear"})
 
 
 def test_gguf_qk_rows_are_already_in_torchtune_layout(state_dict):
@@ -304,3 +305,87 @@ def test_checkpointer_saves_adapter(tmp_path):
     assert not (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["num_layers"] == 30
     assert np.isclose(json.loads((out / "config.json").read_text())["norm_eps"], 1e-5)
+
+
+# --- layout: public names, torchtune reuse, the cache -------------------------------------------
+
+
+def test_public_names_and_config_components_resolve():
+    """Every ``_component_`` under ``abmll.models`` in the packaged configs still resolves, and
+    the public names stay importable from ``abmll.models.smollm2`` and ``abmll.models``."""
+    from pathlib import Path
+
+    from torchtune.config._utils import _get_component_from_path
+
+    import abmll.models as M
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    paths = {
+        line.split(":", 1)[1].strip()
+        for f in configs.rglob("*.yaml")
+        for line in f.read_text().splitlines()
+        if line.strip().startswith("_component_:") and "abmll.models" in line
+    }
+    assert "abmll.models.SmolLM2Checkpointer" in paths and "abmll.models.smollm2_tokenizer" in paths
+    for path in paths:
+        assert callable(_get_component_from_path(path)), path
+    for name in S.__all__:
+        assert getattr(S, name) is not None
+    for name in ("SmolLM2Checkpointer", "SmolLM2Tokenizer", "smollm2_tokenizer", "smollm2_135m",
+                 "lora_smollm2_135m", "gaussian_lora_smollm2_135m"):  # fmt: skip
+        assert getattr(M, name) is getattr(S, name)
+        assert callable(_get_component_from_path(f"abmll.models.smollm2.{name}"))
+
+
+def test_state_dict_is_read_with_torchtunes_loader(state_dict):
+    """``load_smollm2_state_dict`` uses torchtune's ``safe_torch_load``: the very tensors
+    ``safetensors.torch.load_file`` reads."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(S.ensure_smollm2_checkpoint() / "model.safetensors"))
+    assert list(ref) == list(state_dict)
+    for key, tensor in ref.items():
+        assert state_dict[key].dtype == tensor.dtype and torch.equal(state_dict[key], tensor), key
+
+
+def test_torchtunes_hf_tokenizer_would_add_a_bos(tokenizer):
+    """Why ``SmolLM2Tokenizer`` does not build on torchtune's ``HuggingFaceBaseTokenizer``: with
+    ``add_bos=True`` (what the recipe passes) it prepends ``<|im_start|>``, which SmolLM2 was not
+    trained with; the token ids otherwise agree."""
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    folder = S.ensure_smollm2_checkpoint()
+    theirs = HuggingFaceBaseTokenizer(
+        str(folder / "tokenizer.json"),
+        tokenizer_config_json_path=str(folder / "tokenizer_config.json"),
+    )
+    for text in TOKENIZER_STRINGS:
+        ours = tokenizer.encode(text, add_bos=True, add_eos=True)
+        assert theirs.encode(text, add_bos=True, add_eos=True) == [tokenizer.bos_id] + ours
+        assert theirs.encode(text, add_bos=False, add_eos=False) == ours[:-1]
+
+
+def test_ensure_checkpoint_cleans_what_a_killed_conversion_left(tmp_path, monkeypatch):
+    """A conversion killed half way leaves a hidden ``.torchtune-v1.partial-*`` folder (~540 MB);
+    the next conversion (under the lock) removes it. The real conversion is replaced by a stub."""
+    smol = tmp_path / "smollm2"
+    leftover = smol / f".{C.CONVERTED_DIRNAME}.partial-123-abcd"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    calls = []
+
+    def fake_convert(gguf_path, out_dir):
+        from abmll.atomic import staged_dir
+
+        calls.append(gguf_path)
+        with staged_dir(out_dir) as tmp:
+            (tmp / "config.json").write_text(json.dumps({"format_version": C.FORMAT_VERSION}))
+        return out_dir
+
+    monkeypatch.setattr(C, "convert_smollm2_gguf", fake_convert)
+    monkeypatch.setattr(C, "fetch_smollm2_gguf", lambda cache_dir=None: tmp_path / "x.gguf")
+    out = S.ensure_smollm2_checkpoint(tmp_path)
+    assert out == smol / C.CONVERTED_DIRNAME and (out / "config.json").is_file()
+    assert calls and not leftover.exists()
+    assert sorted(p.name for p in smol.iterdir()) == [".convert.lock", C.CONVERTED_DIRNAME]
+    assert S.ensure_smollm2_checkpoint(tmp_path) == out and len(calls) == 1  # reused

