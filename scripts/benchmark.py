@@ -9,7 +9,7 @@ Episode time (ABMLL and Regular LoRA built side by side in one process, alternat
 a warm-up), training tokens/s, saved-for-backward bytes, peak memory (each method in its own
 process: RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), and one adapted layer
 (default Llama3-8B's q_proj, 4096x4096) forward+backward against torchtune's LoRALinear.
-Random weights unless ``--load-weights``. The shared logic is in ``abmll/reporting/memory.py``.
+Random weights unless ``--load-weights``. The shared logic is in ``abmll/benchmark/``.
 """
 
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from abmll.reporting.memory import benchmark_main  # noqa: E402
+from abmll.benchmark.cli import benchmark_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(benchmark_main())

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and its helpers in abmll.reporting.memory (no timing asserts)."""
+"""scripts/benchmark.py and its helpers in abmll.benchmark (no timing asserts)."""
 
 import json
 import os
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from abmll.reporting.memory import _SavedTensorMeter, time_layer
+from abmll.benchmark.measure import time_layer
+from abmll.benchmark.probes import _SavedTensorMeter
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

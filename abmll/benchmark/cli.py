@@ -1,0 +1,147 @@
+"""Command lines of the two benchmark scripts: parse arguments, start the workers, print the table.
+
+* ``main``: ``scripts/benchmark_memory.py`` (and the ``--worker`` / ``--call`` modes of the
+  worker processes, ``python -m abmll.benchmark``).
+* ``benchmark_main``: ``scripts/benchmark.py``.
+
+Imports nothing heavy at module level, so ``--help`` is fast; torch, torchtune and the models are
+loaded in the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from abmll.benchmark.report import benchmark_report, report
+from abmll.benchmark.workers import MARK, _run_call, call_worker, run_worker
+
+PAIRS = ("tiny", "smollm2_135m", "llama3_8b")
+#: ``scripts/benchmark_memory.py``'s description.
+MEMORY_DESCRIPTION = "Peak training memory and speed of ABMLL against Regular LoRA on the same model and batch."
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmark_memory.py", description=MEMORY_DESCRIPTION)
+    p.add_argument("--config-pair", choices=PAIRS, default="tiny",
+                   help="configs {pair}/abmll and {pair}/regular_lora (default tiny)")
+    p.add_argument("--abmll-config", default=None, help="override the ABMLL config (name or path)")
+    p.add_argument("--lora-config", default=None, help="override the Regular LoRA config (name or path)")
+    p.add_argument("--episodes", type=int, default=2, help="training episodes per method (default 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: data.max_seq_len)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
+    p.add_argument("--load-weights", action="store_true", help="load the checkpointer's weights (default: random)")
+    p.add_argument("--sampling", choices=("local", "weight"), default=None,
+                   help="ABMLL's training sampling (default: the model's, local)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
+    p.add_argument("--json", type=Path, default=None, help="also write both measurements to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--call", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.call:
+        return _run_call(args.call)
+    if args.worker:
+        from abmll.benchmark.measure import measure
+
+        res = measure(args.worker, args.set or [], episodes=args.episodes, seq_len=args.seq_len,
+                      load_weights=args.load_weights, device=args.device, sampling=args.sampling)
+        print(MARK + json.dumps(res), flush=True)
+        return 0
+
+    lora_cfg = args.lora_config or f"{args.config_pair}/regular_lora"
+    abmll_cfg = args.abmll_config or f"{args.config_pair}/abmll"
+    try:
+        print(f"measuring {lora_cfg} ...", flush=True)
+        lora = run_worker(lora_cfg, args)
+        print(f"measuring {abmll_cfg} ...", flush=True)
+        abmll = run_worker(abmll_cfg, args)
+    except RuntimeError as err:
+        print(f"benchmark_memory: error: {err}", file=sys.stderr)
+        return 1
+    print()
+    print(report(lora, abmll))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"regular_lora": lora, "abmll": abmll}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+
+def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Time and memory of ABMLL against Regular LoRA on the same model and batches.",
+    )
+    p.add_argument("--config-pair", choices=PAIRS, default="tiny",
+                   help="configs {pair}/abmll and {pair}/regular_lora (default tiny)")
+    p.add_argument("--abmll-config", default=None, help="override the ABMLL config (name or path)")
+    p.add_argument("--lora-config", default=None, help="override the Regular LoRA config (name or path)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the configs'")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the configs')")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: data.max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")
+    p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    p.add_argument("--sampling", choices=("local", "weight"), default=None,
+                   help="ABMLL's training sampling (default: the model's, local)")
+    p.add_argument("--layer-shape", default="4096x4096", help="d_out x d_in of the layer rows (default: "
+                   "Llama3-8B's q_proj); 'none' skips them")
+    p.add_argument("--layer-tokens", type=int, default=512, help="tokens of the layer rows (default 512)")
+    p.add_argument("--memory-episodes", type=int, default=1,
+                   help="episodes of the peak-memory runs, each method in its own process (default 1; 0 skips)")
+    p.add_argument("--load-weights", action="store_true",
+                   help="load the checkpointer's weights (default: random weights; timing does not depend on them)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
+    p.add_argument("--json", type=Path, default=None, help="also write all measurements to this JSON file")
+    args = p.parse_args(argv)
+
+    overrides = list(args.set or [])
+    if args.dtype:
+        overrides.append(f"dtype={args.dtype}")
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    configs = {"abmll": args.abmll_config or f"{args.config_pair}/abmll",
+               "regular_lora": args.lora_config or f"{args.config_pair}/regular_lora"}
+    common = dict(seq_len=args.seq_len, device=args.device, load_weights=args.load_weights)
+    try:
+        print(f"timing {configs['abmll']} and {configs['regular_lora']} "
+              f"({args.warmup} + {args.rounds} rounds) ...", flush=True)
+        timing = call_worker("time_pair", dict(configs=configs, overrides=overrides, rounds=args.rounds,
+                                               warmup=args.warmup, sampling=args.sampling, **common),
+                             args.threads, "timing")
+        layers = []
+        if args.layer_shape.lower() != "none":
+            d_out, d_in = (int(v) for v in args.layer_shape.lower().split("x"))
+            print(f"timing one {d_out}x{d_in} layer ...", flush=True)
+            layers.append(call_worker("time_layer", dict(
+                d_out=d_out, d_in=d_in, tokens=args.layer_tokens, dtype=timing["dtype"].replace(
+                    "float32", "fp32").replace("bfloat16", "bf16"), device=timing["device"],
+                rounds=args.rounds, warmup=args.warmup), args.threads, "layer"))
+        memory = None
+        if args.memory_episodes > 0:
+            memory = {}
+            for label, cfg in configs.items():
+                print(f"peak memory of {cfg} ...", flush=True)
+                memory[label] = call_worker("measure", dict(config=cfg, overrides=overrides,
+                                                            episodes=args.memory_episodes,
+                                                            sampling=args.sampling, **common),
+                                            args.threads, cfg)
+    except RuntimeError as err:
+        print(f"benchmark: error: {err}", file=sys.stderr)
+        return 1
+    weights = "pretrained weights" if args.load_weights else "random weights"
+    print()
+    print(benchmark_report(args.config_pair, timing, memory, layers, weights))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"timing": timing, "memory": memory, "layers": layers}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,235 @@
+"""The measurements, each run inside one (worker) process: episode time, saved-for-backward
+bytes, peak memory, and one adapted layer.
+
+* ``measure``: one method's config; ``episodes`` training episodes through the learner
+  (``learner.train_episode``, exactly as the recipe does) on random token batches of the
+  config's batch size and ``seq_len`` tokens, the answer being the last token. CUDA:
+  ``torch.cuda.max_memory_allocated`` over the episodes (weights included, as the paper's
+  25.6 GB vs 23.8 GB), and the same minus the memory allocated before training. CPU: peak
+  RSS during the episodes (``ru_maxrss`` also reported), minus the RSS after model set-up.
+  Every device: the saved-for-backward peak (:mod:`abmll.benchmark.probes`) and the bytes of
+  trainable parameters, their gradients and AdamW states.
+* ``time_pair``: several methods built side by side in one process, alternating episodes on
+  the same random batches after warm-up rounds.
+* ``time_layer``: one adapted layer's forward and backward, ``GaussianLoRALinear`` (each
+  sampling) against torchtune's ``LoRALinear``.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from abmll.benchmark.probes import _rss_bytes, _RssSampler, _SavedTensorMeter
+from abmll.benchmark.runner import _num_query, _random_batch, _sampling_of, _sync, build
+from abmll.modules import DEFAULT_C
+
+def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, seq_len: Optional[int] = None,
+            load_weights: bool = False, device: Optional[str] = None,
+            sampling: Optional[str] = None) -> Dict[str, Any]:
+    """Build the config's model and learner in this process and measure ``episodes`` episodes."""
+    import torch
+
+    from abmll.learners.base import Episode
+
+    cfg, model, learner, dev, dtype = build(config, overrides, load_weights=load_weights, device=device,
+                                            sampling=sampling)
+    gc.collect()
+
+    batch_size = int(cfg.data.get("batch_size", 2))
+    seq_len = int(seq_len or cfg.data.get("max_seq_len", 256))
+    vocab = model.tok_embeddings.num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    k = learner.inner_steps
+    n_query = _num_query(learner)
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    base = {
+        "config": config,
+        "method": type(learner).__name__,
+        "model": cfg.model._component_,
+        "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "episodes": episodes,
+        "inner_steps": k,
+        "activation_checkpointing": bool(cfg.get("enable_activation_checkpointing", False)),
+        "sampling": _sampling_of(model),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
+    }
+    meter = _SavedTensorMeter(model, params)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    with _RssSampler() as sampler, torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        for i in range(episodes):
+            support = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
+            query = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
+            learner.train_episode(Episode(f"memory{i}", support, query))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    meter.close()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    opt_bytes = 0
+    for name in ("optimizer", "inner_optimizer", "outer_optimizer"):
+        opt = getattr(learner, name, None)
+        if opt is None:
+            continue
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    opt_bytes += v.numel() * v.element_size()
+    out = dict(base)
+    out.update({
+        "seconds": seconds,
+        "saved_for_backward_peak_bytes": meter.peak,
+        "grad_bytes_at_end": grads,
+        "optimizer_state_bytes": opt_bytes,
+        "rss_after_setup_bytes": rss_before,
+        "rss_peak_bytes": sampler.peak,
+        "rss_peak_minus_setup_bytes": sampler.peak - rss_before,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    })
+    if dev.type == "cuda":
+        out.update({
+            "cuda_allocated_before_bytes": before,
+            "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+            "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
+            "cuda_peak_minus_before_bytes": torch.cuda.max_memory_allocated(dev) - before,
+        })
+    return out
+
+
+def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds: int = 3, warmup: int = 1,
+              seq_len: Optional[int] = None, device: Optional[str] = None, sampling: Optional[str] = None,
+              load_weights: bool = False) -> Dict[str, Any]:
+    """Episode wall time of several methods built side by side in this process.
+
+    ``configs`` maps a method label to a config, in the order they run in each round (ABMLL then
+    Regular LoRA). Every round draws one set of random batches and runs one episode of each
+    method on them; the first ``warmup`` rounds are not timed. Then one more episode of each runs
+    under ``_SavedTensorMeter`` (the saved-for-backward peak; not timed).
+    """
+    import torch
+
+    from abmll.learners.base import Episode
+
+    built = {label: build(cfg, overrides, load_weights=load_weights, device=device, sampling=sampling)
+             for label, cfg in configs.items()}
+    first = next(iter(built.values()))
+    cfg0, dev = first[0], first[3]
+    batch_size = int(cfg0.data.get("batch_size", 2))
+    seq_len = int(seq_len or cfg0.data.get("max_seq_len", 256))
+    vocab = first[1].tok_embeddings.num_embeddings
+    k_steps = {label: b[2].inner_steps for label, b in built.items()}
+    if len(set(k_steps.values())) != 1:
+        raise ValueError(f"the methods take different numbers of steps per episode: {k_steps}")
+    k = next(iter(k_steps.values()))
+    n_query = max(_num_query(b[2]) for b in built.values())
+    times: Dict[str, list] = {label: [] for label in built}
+
+    def episode(r: int) -> "Episode":
+        gen = torch.Generator().manual_seed(1000 + r)
+        support = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
+        query = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
+        return Episode(f"bench{r}", support, query)
+
+    for r in range(warmup + rounds):
+        ep = episode(r)
+        for label, (_, _, learner, _, _) in built.items():
+            q = ep.query[: _num_query(learner)]
+            _sync(dev)
+            t0 = time.perf_counter()
+            learner.train_episode(Episode(ep.task, ep.support, q))
+            _sync(dev)
+            if r >= warmup:
+                times[label].append(time.perf_counter() - t0)
+    saved: Dict[str, int] = {}
+    ep = episode(warmup + rounds)
+    for label, (_, model, learner, _, _) in built.items():
+        meter = _SavedTensorMeter(model, list(model.parameters()))
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            learner.train_episode(Episode(ep.task, ep.support, ep.query[: _num_query(learner)]))
+        meter.close()
+        saved[label] = meter.peak
+    return {
+        "device": str(dev),
+        "dtype": str(first[4]).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "inner_steps": k,
+        "query_batches": {label: _num_query(b[2]) for label, b in built.items()},
+        "rounds": rounds,
+        "warmup": warmup,
+        "support_tokens_per_episode": k * batch_size * seq_len,
+        "models": {label: b[0].model._component_ for label, b in built.items()},
+        "sampling": {label: _sampling_of(b[1]) for label, b in built.items()},
+        "activation_checkpointing": bool(cfg0.get("enable_activation_checkpointing", False)),
+        "episode_seconds": times,
+        "saved_for_backward_peak_bytes": saved,
+    }
+
+
+def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", device: str = "cpu",
+               rounds: int = 3, warmup: int = 1, rank: int = 8, alpha: float = 16.0,
+               c: float = DEFAULT_C, samplings: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Forward + backward of one adapted layer: ``GaussianLoRALinear`` (each sampling) against
+    torchtune's ``LoRALinear``, on ``tokens`` random inputs, alternating in each round.
+
+    Trainable: LoRA's pair, and the Gaussian layer's phi pairs (as in the inner loop); the
+    input requires grad (as inside a network). Also the bytes saved for backward per call.
+    """
+    import torch
+    from torchtune.modules.peft import LoRALinear
+
+    from abmll.modules import PHI_PAIRS
+    from abmll.modules.gaussian_lora import SAMPLINGS, GaussianLoRALinear
+
+    dev = torch.device(device)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch.manual_seed(0)
+    layers: Dict[str, Any] = {"lora": LoRALinear(d_in, d_out, rank=rank, alpha=alpha)}
+    for sampling in samplings or SAMPLINGS:
+        layers[sampling] = GaussianLoRALinear(d_in, d_out, rank, alpha, c=c, sampling=sampling)
+    for label, layer in layers.items():
+        layer.to(device=dev, dtype=dt)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        pairs = [layer.lora_a.weight, layer.lora_b.weight] if label == "lora" else list(layer.pair_params(PHI_PAIRS))
+        for p in pairs:
+            p.requires_grad_(True)
+    x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
+    cot = torch.randn(tokens, d_out, device=dev, dtype=dt)
+
+    def step(layer):
+        layer(x).backward(cot)
+
+    saved = {}
+    for label, layer in layers.items():
+        meter = _SavedTensorMeter(layer, list(layer.parameters()))
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            out = layer(x)
+        out.backward(cot)
+        saved[label] = meter.peak
+    times: Dict[str, list] = {label: [] for label in layers}
+    for r in range(warmup + rounds):
+        for label, layer in layers.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            step(layer)
+            _sync(dev)
+            if r >= warmup:
+                times[label].append(time.perf_counter() - t0)
+    return {"d_out": d_out, "d_in": d_in, "tokens": tokens, "dtype": dtype, "device": str(dev),
+            "rank": rank, "seconds": times, "saved_bytes": saved}
