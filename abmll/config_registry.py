@@ -1,8 +1,9 @@
-"""The packaged configs (``abmll/configs/{profile}/{method}.yaml``): list, resolve, copy.
+"""The packaged configs (``abmll/configs/{profile}/{method}.yaml``): list, resolve, copy, build.
 
 One place for the lookup that ``tune run abmll_recipe --config NAME``, the benchmark and the
-sweep use, and for the ``abmll ls`` / ``abmll cp`` command (torchtune's ``tune ls/cp`` only know
-torchtune's own fixed registry):
+sweep use, for building a config node with an error that names its key, and for the
+``abmll ls`` / ``abmll cp`` command (torchtune's ``tune ls/cp`` only know torchtune's own fixed
+registry):
 
     abmll ls                                   # every packaged config
     abmll cp llama3_8b/abmll ./mine.yaml       # a copy to edit, then
@@ -18,7 +19,18 @@ from importlib.resources import files
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-__all__ = ["packaged_configs", "resolve_config", "main"]
+__all__ = [
+    "packaged_configs",
+    "resolve_config",
+    "resolve_config_arg",
+    "RecipeConfigError",
+    "instantiate",
+    "main",
+]
+
+
+class RecipeConfigError(ValueError):
+    """A bad config value or path; reported as one line naming the key."""
 
 
 def packaged_configs() -> List[str]:
@@ -45,6 +57,50 @@ def resolve_config(name: str) -> Path:
     raise FileNotFoundError(
         f"--config {name}: no such file, and not a packaged config ({', '.join(packaged_configs())})"
     )
+
+
+def resolve_config_arg(argv: Sequence[str], prog: str = "abmll_recipe") -> List[str]:
+    """``argv`` with ``--config NAME`` (or ``--config=NAME``) mapped to the packaged YAML,
+    unless NAME is a path; exits 2 with one line when it is neither."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config" and i + 1 < len(argv):
+            idx, value = i + 1, argv[i + 1]
+        elif arg.startswith("--config="):
+            idx, value = i, arg.split("=", 1)[1]
+        if value is None:
+            continue
+        try:
+            resolved = str(resolve_config(value))
+        except FileNotFoundError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        argv[idx] = resolved if arg == "--config" else f"--config={resolved}"
+    return argv
+
+
+def instantiate(node, key: str, hint: str = ""):
+    """torchtune's ``config.instantiate`` with one-line errors that name the config ``key``."""
+    from omegaconf import DictConfig
+    from torchtune import config
+
+    if not isinstance(node, DictConfig) or "_component_" not in node:
+        raise RecipeConfigError(f"{key}: expected a mapping with a _component_, got {node!r}")
+    component = node.get("_component_")
+    try:
+        return config.instantiate(node)
+    except ValueError as err:
+        # Our components name their own key ("learner.beta must be ..."); keep their words.
+        raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
+    except Exception as err:
+        # torchtune wraps import errors in InstantiationError; the cause says what failed.
+        cause = err.__cause__ or err.__context__ or err
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise RecipeConfigError(
+            f"{key}._component_: cannot build {component!r} ({type(cause).__name__}: {first})"
+            + (f"; {hint}" if hint else "")
+        ) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,10 +6,10 @@ Usage (from any directory, after ``pip install -e .``)::
     tune run abmll_recipe --config tiny/reptile learner.epsilon=0.3 seed=2
     tune run abmll_recipe --config llama3_8b/abmll split=cls45 learner.beta=1e-7 \\
         checkpointer.checkpoint_dir=/tmp/Meta-Llama-3-8B-Instruct/original data.data_dir=...
-    tune run abmll_recipe --config ./my_edited_copy.yaml
+    abmll cp llama3_8b/abmll ./mine.yaml && tune run abmll_recipe --config ./mine.yaml
 
-``--config`` takes a path, or a short name (``tiny/abmll``) of a YAML file shipped in
-``abmll/configs``. The method is the config's ``learner._component_``
+``--config`` takes a path, or a short name (``tiny/abmll``, ``abmll ls`` lists them) of a YAML
+file shipped in ``abmll/configs``. The method is the config's ``learner._component_``
 (``abmll.learners.{ABMLL,Reptile,StructuredLoRA,RegularLoRA,Pretrained}``).
 
 Per epoch: one episode per training task (the learner decides what an episode does), then
@@ -18,12 +18,20 @@ tasks are evaluated with the adapters of the best validation epoch, ``results.js
 written, and the adapters are exported in PEFT's format. A checkpoint after every epoch
 (adapters, optimizer states, RNG state, history) lets a stopped run resume where it stopped
 (``resume_from_checkpoint=True``).
+
+What a run leaves on disk (file names, the results record, when an output_dir may be reused)
+is ``abmll.run_contract``'s, shared with the reproduce scripts and the reporting. With
+``tune run --nproc_per_node N`` each process trains its share of every meta-batch's tasks
+(``learner.meta_batch_size``) and evaluates its share of the unseen tasks; ``abmll.distributed``
+holds the collectives, and process 0 alone writes. The recipe is about 500 lines because, as in
+torchtune, it is standalone and reads top to bottom: set-up, the epoch loop, validation, the end
+of the run, and the points where the processes meet.
 """
 
 from __future__ import annotations
 
 import gc
-import json
+import logging
 import math
 import os
 import sys
@@ -38,80 +46,44 @@ from tqdm import tqdm
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
 
-from abmll.atomic import atomic_write, atomic_write_text
-from abmll.config_registry import resolve_config
+from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
 from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
-from abmll.modules import gaussian_lora_modules, gaussian_mode
+from abmll.modules import gaussian_mode
 from abmll.modules.names import clean_name
+from abmll.distributed import Replicas, seed_of
+from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, save_checkpoint
 
 log = utils.get_logger("INFO")
-
-CHECKPOINT_FILE = "recipe_state.pt"
-RESULTS_FILE = "results.json"
-KNOWN_LEARNERS = (
-    "abmll.learners.ABMLL",
-    "abmll.learners.Reptile",
-    "abmll.learners.StructuredLoRA",
-    "abmll.learners.RegularLoRA",
-    "abmll.learners.Pretrained",
-)
-# Keys a resumed run may change without changing the trajectory it continues. Activation
-# checkpointing only trades memory for recomputation (the recomputed forward replays the same
-# RNG state; only floating-point rounding differs), and adapter names do not depend on it
-# (abmll.modules.names), so a run may resume with it on or off.
-_RESUME_MUTABLE_KEYS = (
-    "epochs",
-    "stop_after_epoch",
-    "resume_from_checkpoint",
-    "overwrite",
-    "metric_logger",
-    "enable_activation_checkpointing",
-)
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite during training."""
 
 
-class RecipeConfigError(ValueError):
-    """A bad config value or path; reported as one line naming the key."""
-
-
-def _instantiate(node: DictConfig, key: str, hint: str = ""):
-    """``config.instantiate`` with one-line errors that name the config key."""
-    if not isinstance(node, DictConfig) or "_component_" not in node:
-        raise RecipeConfigError(f"{key}: expected a mapping with a _component_, got {node!r}")
-    component = node.get("_component_")
-    try:
-        return config.instantiate(node)
-    except ValueError as err:
-        # Our components name their own key ("learner.beta must be ..."); keep their words.
-        raise RecipeConfigError(str(err).strip().splitlines()[-1]) from None
-    except Exception as err:
-        # torchtune wraps import errors in InstantiationError; the cause says what failed.
-        cause = err.__cause__ or err.__context__ or err
-        raise RecipeConfigError(
-            f"{key}._component_: cannot build {component!r} ({type(cause).__name__}: "
-            f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})"
-            + (f"; {hint}" if hint else "")
-        ) from None
-
-
 class ABMLLRecipe:
-    """Single-device meta-learning recipe. See the module docstring."""
+    """Meta-learning recipe, one device per process. See the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.get("device", "cpu"))
+        # One process, or one of --nproc_per_node N (torchrun): abmll.distributed.
+        self.replicas = Replicas.from_environment(self._device)
+        if not self.replicas.is_main:  # one process reports (a filter: get_logger resets levels)
+            log.addFilter(lambda record: record.levelno >= logging.WARNING)
         self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
         self.seed = training.set_seed(seed=cfg.get("seed", 0))
+        if self.replicas.world_size > 1:
+            # torchtune seeds process r with seed + r; the model's random parts (a random base
+            # model, the adapters' initial values) must be the same in every process, and are
+            # then the same as in a one-process run.
+            torch.manual_seed(self.seed)
         self.epochs = int(cfg.get("epochs", 1))
         if self.epochs < 0:
             raise RecipeConfigError(f"epochs must be >= 0, got {self.epochs}")
         self.stop_after_epoch = cfg.get("stop_after_epoch", None)
         self.output_dir = Path(cfg.output_dir)
-        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.run = RunDir(self.output_dir)  # file layout: abmll.run_contract
         ev = cfg.get("eval", {}) or {}
         self.eval_every = int(ev.get("every_n_epochs", 1))
         # validate: false skips validation; the test then uses the last epoch's adapters.
@@ -131,19 +103,35 @@ class ABMLLRecipe:
         for f in self.prune_fractions:
             num_pruned(f, 1)  # validates the range, naming the key
         self.log_every = int(cfg.get("log_every_n_steps", 1))
+        # As in torchtune's recipes: cut each epoch after this many (meta-)steps (timing, debugging).
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        if self.max_steps_per_epoch is not None and int(self.max_steps_per_epoch) < 1:
+            raise RecipeConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
+        # Debugging: after every step, check that all processes hold the same adapters.
+        self.check_replicas = bool(cfg.get("debug_check_replicas", False))
         self.stopped_early = False  # set by stop_after_epoch
         self.cfg = cfg
 
     # ------------------------------------------------------------------ set-up
     def setup(self, cfg: DictConfig) -> None:
-        # Everything is validated before anything is written to output_dir.
-        self._resume_state = self._prepare_output_dir(cfg)
+        # Everything is validated before anything is written to output_dir. Process 0 decides
+        # (and removes what overwrite=True replaces) before the others look.
+        for turn in (True, False):
+            if self.replicas.is_main == turn:
+                self._resume_state = prepare_output_dir(
+                    self.run,
+                    OmegaConf.to_container(cfg, resolve=True),
+                    resume=bool(cfg.get("resume_from_checkpoint", False)),
+                    overwrite=bool(cfg.get("overwrite", False)) and self.replicas.is_main,
+                    log=log.info,
+                )
+            self.replicas.barrier()
         data = cfg.data
         self.batch_size = int(data.get("batch_size", 2))
         if self.batch_size < 1:
             raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         self.max_eval = data.get("max_eval_examples_per_task", None)
-        self._tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
+        self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         data_dir = data.get("data_dir", None)
         self.split = load_split(
             str(cfg.split),
@@ -172,8 +160,12 @@ class ABMLLRecipe:
         self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **eval_kw)
 
         self.learner = self._instantiate_learner(cfg.learner)
+        m, w = self.learner.meta_batch_size, self.replicas.world_size
+        # Beyond the paper's setting (one task per step, one process), each task draws its
+        # noise from its own seed, so a task's numbers do not depend on which process runs it.
+        self.per_task_rng = m > 1 or w > 1
         self.model = self._setup_model(cfg)
-        self.learner.setup(self.model, self._device, compute_dtype=self._dtype)
+        self.learner.setup(self.model, self._device, compute_dtype=self._dtype, replicas=self.replicas)
         self.num_support = self.learner.inner_steps
         log.info(
             f"{type(self.learner).__name__} on split {self.split.name}: "
@@ -182,9 +174,11 @@ class ABMLLRecipe:
             f"{sum(p.numel() for p in self.learner.adapter_params.values()):,} adapter parameters"
         )
 
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
+        self._metric_logger = None
+        if self.replicas.is_main:
+            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
 
         self.start_epoch = 0
         self.global_step = 0
@@ -193,49 +187,12 @@ class ABMLLRecipe:
         if self._resume_state is not None:
             self._load_state(self._resume_state)
 
-    def _prepare_output_dir(self, cfg: DictConfig) -> Optional[Dict[str, Any]]:
-        """Refuse to overwrite a run unless asked; return the checkpoint to resume from."""
-        ckpt = self.ckpt_dir / CHECKPOINT_FILE
-        results = self.output_dir / RESULTS_FILE
-        resume = bool(cfg.get("resume_from_checkpoint", False))
-        overwrite = bool(cfg.get("overwrite", False))
-        if resume:
-            if ckpt.exists():
-                state = torch.load(ckpt, map_location="cpu", weights_only=False)
-                self._check_resume_config(cfg, state["config"])
-                log.info(f"Resuming from {ckpt} (after epoch {state['epoch']})")
-                return state
-            log.info(f"resume_from_checkpoint=True but {ckpt} does not exist: starting from scratch")
-        elif (ckpt.exists() or results.exists()) and not overwrite:
-            raise RecipeConfigError(
-                f"output_dir {self.output_dir} already holds a run "
-                f"({results if results.exists() else ckpt}); set resume_from_checkpoint=True to "
-                f"continue it, overwrite=True to replace it, or choose another output_dir"
-            )
-        if overwrite:
-            for stale in (ckpt, results):
-                stale.unlink(missing_ok=True)
-        return None
-
-    @staticmethod
-    def _check_resume_config(cfg: DictConfig, saved: Dict[str, Any]) -> None:
-        now = OmegaConf.to_container(cfg, resolve=True)
-        for key in sorted(set(now) | set(saved)):
-            if key in _RESUME_MUTABLE_KEYS:
-                continue
-            if now.get(key) != saved.get(key):
-                raise RecipeConfigError(
-                    f"resume_from_checkpoint: config key '{key}' differs from the checkpointed run "
-                    f"({saved.get(key)!r} there, {now.get(key)!r} now); only "
-                    f"{', '.join(_RESUME_MUTABLE_KEYS)} may change on resume"
-                )
-
     def _instantiate_learner(self, learner_cfg: DictConfig):
-        return _instantiate(learner_cfg, "learner", f"known learners: {', '.join(KNOWN_LEARNERS)}")
+        return instantiate(learner_cfg, "learner", f"known learners: {', '.join(KNOWN_LEARNERS)}")
 
     def _setup_model(self, cfg: DictConfig) -> nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = _instantiate(cfg.model, "model")
+            model = instantiate(cfg.model, "model")
         ckpt_cfg = cfg.get("checkpointer", None)
         if ckpt_cfg is not None:
             ckpt_dir = ckpt_cfg.get("checkpoint_dir", None)
@@ -244,7 +201,7 @@ class ABMLLRecipe:
                     f"checkpointer.checkpoint_dir: {ckpt_dir} is not a directory "
                     f"(download the weights first, e.g. with `tune download`)"
                 )
-            checkpointer = _instantiate(ckpt_cfg, "checkpointer")
+            checkpointer = instantiate(ckpt_cfg, "checkpointer")
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
             adapter_keys = set(get_adapter_params(model))
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -306,7 +263,8 @@ class ABMLLRecipe:
             },
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        atomic_write(self.ckpt_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        if self.replicas.is_main:  # the state is the same on every process
+            save_checkpoint(self.run, state)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, sampler: TaskSampler, desc: str) -> Dict[str, Any]:
@@ -320,11 +278,16 @@ class ABMLLRecipe:
                 num_samples=self.num_samples if self.eval_mode == "sample" else 1,
                 n_bins=self.ece_bins,
                 desc=desc,
+                replicas=self.replicas,
+                seed=self.seed if self.per_task_rng else None,
             )
 
+    def _log_metrics(self, metrics: Dict[str, float]) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(metrics, step=self.global_step)
+
     def _log_eval(self, prefix: str, result: Dict[str, Any], epoch: int) -> None:
-        metrics = {f"{prefix}/{k}": v for k, v in result["mean"].items()}
-        self._metric_logger.log_dict(metrics, step=self.global_step)
+        self._log_metrics({f"{prefix}/{k}": v for k, v in result["mean"].items()})
         log.info(
             f"epoch {epoch} {prefix}: accuracy {result['mean']['accuracy']:.4f} "
             f"ece {result['mean']['ece']:.4f} nll {result['mean']['nll']:.4f}"
@@ -342,20 +305,35 @@ class ABMLLRecipe:
             self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
         return val["mean"]
 
-    def _check_finite(self, metrics: Dict[str, float], episode, epoch: int) -> None:
+    def _check_finite(self, metrics: Dict[str, float], tasks: List[Any], epoch: int) -> None:
         """Stop at the first non-finite loss term, naming it: training on would only spread
-        NaNs into the adapters, and the last checkpoint (end of the previous epoch) stays good."""
+        NaNs into the adapters, and the last checkpoint (end of the previous epoch) stays good.
+        The metrics are the meta-batch's (the same on every process), so all processes stop."""
         # Without query batches ABMLL reports no query NLL (NaN by construction, not a failure).
-        optional = {"query_nll", "outer_loss"} if not episode.query else set()
+        has_query = getattr(self.learner, "num_query_batches", 0) > 0
+        optional = {"query_nll", "outer_loss"} if not has_query else set()
         bad = [k for k, v in metrics.items() if k not in optional and not math.isfinite(v)]
         if bad:
-            ckpt = self.ckpt_dir / CHECKPOINT_FILE
+            ckpt = self.run.checkpoint
             kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)} at step {self.global_step + 1} "
-                f"(epoch {epoch}, task {episode.task!r}); {kept}. Lower the learning rates "
+                f"(epoch {epoch}, task {', '.join(map(repr, tasks))}); {kept}. Lower the learning rates "
                 f"(learner.*lr) or learner.beta and resume with resume_from_checkpoint=True"
             )
+
+    def _meta_batches(self, epoch: int) -> List[List[Any]]:
+        """The epoch's episode keys (tasks), ``meta_batch_size`` per step, in the seeded order."""
+        keys = self.learner.episode_keys(self.train_sampler, epoch, self.seed)
+        m = self.learner.meta_batch_size
+        groups = [keys[i : i + m] for i in range(0, len(keys), m)]
+        return groups if self.max_steps_per_epoch is None else groups[: int(self.max_steps_per_epoch)]
+
+    def _episode(self, key: Any, epoch: int):
+        episode = self.learner.make_episode(self.train_sampler, key, epoch)
+        if self.per_task_rng:
+            episode.seed = seed_of(self.seed, "train", epoch, key)
+        return episode
 
     def train(self) -> None:
         n_episodes = self.learner.num_episodes(self.train_sampler)
@@ -367,30 +345,31 @@ class ABMLLRecipe:
         for epoch in range(self.start_epoch + 1, self.epochs + 1):
             self.model.train()
             sums: Dict[str, float] = {}
-            pbar = tqdm(
-                self.learner.episodes(self.train_sampler, epoch, self.seed),
-                total=n_episodes,
-                desc=f"epoch {epoch}/{self.epochs}",
-            )
-            for episode in pbar:
+            started = time.perf_counter()
+            groups = self._meta_batches(epoch)
+            pbar = tqdm(groups, desc=f"epoch {epoch}/{self.epochs}", disable=not self.replicas.is_main)
+            for group in pbar:
+                # This process builds and trains only its share of the meta-batch's tasks.
+                episodes = [self._episode(key, epoch) for key in self.replicas.shard(group)]
                 t0 = time.perf_counter()
-                metrics = self.learner.train_episode(episode)
-                self._check_finite(metrics, episode, epoch)
-                metrics["tokens_per_second"] = episode.num_tokens / (time.perf_counter() - t0)
+                metrics = self.learner.train_meta_batch(episodes, len(group))
+                self._check_finite(metrics, group, epoch)
+                # This process's throughput (the run's is about world_size times it).
+                tokens = sum(e.num_tokens for e in episodes)
+                metrics["tokens_per_second"] = tokens / (time.perf_counter() - t0)
                 self.global_step += 1
+                if self.check_replicas:
+                    self.replicas.check_identical(self.learner.adapter_params, f"step {self.global_step}")
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if self.global_step % self.log_every == 0:
                     if self._device.type == "cuda":
                         metrics.update(training.get_memory_stats(device=self._device))
-                    self._metric_logger.log_dict(
-                        {f"train/{k}": v for k, v in metrics.items()}, step=self.global_step
-                    )
+                    self._log_metrics({f"train/{k}": v for k, v in metrics.items()})
                 pbar.set_postfix(nll=f"{metrics.get('inner_nll', float('nan')):.3f}")
-            record: Dict[str, Any] = {
-                "epoch": epoch,
-                "train": {k: v / max(n_episodes, 1) for k, v in sums.items()},
-            }
+            train = {k: v / max(len(groups), 1) for k, v in sums.items()}
+            train["seconds"] = time.perf_counter() - started  # the epoch's wall-clock training time
+            record: Dict[str, Any] = {"epoch": epoch, "train": train}
             if epoch % self.eval_every == 0 or epoch == self.epochs:
                 val = self._validate(epoch)
                 if val is not None:
@@ -422,44 +401,41 @@ class ABMLLRecipe:
         self._write_results()
         log.info(
             f"test (best epoch {self.best['epoch']}): accuracy {test['mean']['accuracy']:.4f} "
-            f"ece {test['mean']['ece']:.4f}; wrote {self.output_dir / RESULTS_FILE}"
+            f"ece {test['mean']['ece']:.4f}; wrote {self.run.results}"
         )
         if self.prune_fractions:
             self._optional_step("pruning", self._evaluate_pruning)
-        if self.learner.adapter_kind is not None:
+        if self.learner.adapter_kind is not None and self.replicas.is_main:
             self._optional_step("export", lambda: self._export_adapters(final_adapters))
         return self._results
 
     def _results_dict(self, test: Dict[str, Any]) -> Dict[str, Any]:
-        return {
-            "method": self.learner.method_name,
-            "learner": self.cfg.learner.get("_component_"),
-            "split": self.split.name,
-            # Which tasks, not only the split's name: a data.split_file can reuse a name.
-            "split_file": self.cfg.data.get("split_file", None),
-            "task_lists_sha256": task_lists_sha256(self.split),
-            "seed": self.seed,
-            "best_epoch": self.best["epoch"],
-            "epochs": self.epochs,
-            "val_at_best": self.best["val"],
-            "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
-            "pruning": {},
-            "history": self.history,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            # The test is measured: the run's result is final even if an optional step fails.
-            "finished": True,
-            "errors": self.errors,
-        }
+        return results_record(
+            method=self.learner.method_name,
+            learner=self.cfg.learner.get("_component_"),
+            split=self.split.name,
+            split_file=self.cfg.data.get("split_file", None),
+            task_lists_sha256=task_lists_sha256(self.split),
+            seed=self.seed,
+            best_epoch=self.best["epoch"],
+            epochs=self.epochs,
+            val_at_best=self.best["val"],
+            test=test,
+            history=self.history,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            errors=self.errors,
+        )
 
     def _write_results(self) -> None:
-        atomic_write_text(self.output_dir / RESULTS_FILE, json.dumps(self._results, indent=2))
+        if self.replicas.is_main:
+            self.run.write_results(self._results)
 
     def _optional_step(self, name: str, step) -> None:
         """Run ``step``; on failure log it and record it in results.json instead of raising."""
         try:
             step()
         except Exception as err:  # noqa: BLE001 - any failure here must not lose the results
-            log.exception(f"{name} failed; {self.output_dir / RESULTS_FILE} keeps the test results")
+            log.exception(f"{name} failed; {self.run.results} keeps the test results")
             self.errors[name] = f"{type(err).__name__}: {str(err).strip()}"
             self._write_results()
 
@@ -473,46 +449,41 @@ class ABMLLRecipe:
             self._write_results()  # each finished fraction is kept even if a later one fails
 
     def _export_adapters(self, final_adapters: Dict[str, torch.Tensor]) -> None:
-        self._export_peft(self.output_dir / "adapter_best")  # the best adapters are loaded
+        self._export_peft(self.run.adapter("best"))  # the best adapters are loaded
         self._load_adapters(final_adapters)
-        self._export_peft(self.output_dir / "adapter_final")
+        self._export_peft(self.run.adapter("final"))
 
     def _export_peft(self, out_dir: Path) -> None:
         """The (global mean) adapter as a PEFT LoRA: adapter_config.json + adapter_model.safetensors."""
-        layer = next(m for m in self.model.modules() if hasattr(m, "rank") and hasattr(m, "alpha"))
         save_peft_adapter(
             self.learner.export_adapter(),
             self.model,
             out_dir,
-            rank=layer.rank,
-            alpha=layer.alpha,
             base_model_name_or_path=self.cfg.get("base_model_name_or_path", None),
         )
 
     def cleanup(self) -> None:
-        self._metric_logger.close()
-        del self.model
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        del self.model, self.learner
         gc.collect()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        self.replicas.shutdown()
 
 
 def _is_finished(cfg: DictConfig) -> bool:
     """A resumed run whose results.json exists has nothing left to do, unless an optional step
     (pruning, export) failed: then resuming redoes the end of the run from the last checkpoint."""
-    results = Path(cfg.output_dir) / RESULTS_FILE
-    if not (results.exists() and bool(cfg.get("resume_from_checkpoint", False))):
+    run = RunDir(cfg.output_dir)
+    if not (run.results.exists() and bool(cfg.get("resume_from_checkpoint", False))):
         return False
-    try:
-        return not json.loads(results.read_text()).get("errors")
-    except (OSError, ValueError, AttributeError):
-        return True  # unreadable: leave it for the user rather than overwrite it
+    data = run.read_results()
+    return data is None or not data.get("errors")  # unreadable: leave it to the user, do not overwrite
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     if _is_finished(cfg):
-        log.info(f"{Path(cfg.output_dir) / RESULTS_FILE} exists: this run has finished, nothing to do")
+        log.info(f"{RunDir(cfg.output_dir).results} exists: this run has finished, nothing to do")
         return
     try:
         recipe = ABMLLRecipe(cfg=cfg)
@@ -533,33 +504,13 @@ def recipe_main(cfg: DictConfig) -> None:
         # run did not do all it was asked to, and a script or sweep must be able to tell.
         failed = "; ".join(f"{k} failed ({v.splitlines()[0]})" for k, v in results["errors"].items())
         print(
-            f"abmll_recipe: error: {failed}; {Path(cfg.output_dir) / RESULTS_FILE} keeps the test "
+            f"abmll_recipe: error: {failed}; {RunDir(cfg.output_dir).results} keeps the test "
             f"results (resume_from_checkpoint=True redoes the end of the run)",
             file=sys.stderr,
         )
         sys.exit(1)
 
 
-def _resolve_config_arg(argv: List[str]) -> List[str]:
-    """Map ``--config tiny/abmll`` to the YAML shipped in ``abmll/configs`` unless it is a path."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        value = None
-        if arg == "--config" and i + 1 < len(argv):
-            idx, value = i + 1, argv[i + 1]
-        elif arg.startswith("--config="):
-            idx, value = i, arg.split("=", 1)[1]
-        if value is None:
-            continue
-        try:
-            resolved = str(resolve_config(value))
-        except FileNotFoundError as err:
-            print(f"abmll_recipe: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        argv[idx] = resolved if arg == "--config" else f"--config={resolved}"
-    return argv
-
-
 if __name__ == "__main__":
-    sys.argv = _resolve_config_arg(sys.argv)
+    sys.argv = resolve_config_arg(sys.argv)
     sys.exit(recipe_main())

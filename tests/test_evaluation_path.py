@@ -212,7 +212,7 @@ def _run_recipe_in_process(tmp_path, val_accuracies, name):
 
     def save_checkpoint(epoch):
         real_save(epoch)
-        state = torch.load(recipe.ckpt_dir / abmll_recipe.CHECKPOINT_FILE, weights_only=False)
+        state = torch.load(recipe.run.checkpoint, weights_only=False)
         checkpoints[epoch] = state["adapters"]
 
     recipe.evaluate = evaluate

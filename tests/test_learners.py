@@ -45,18 +45,23 @@ def test_abmll_inner_loop_moves_only_phi_and_outer_only_theta(sampler, monkeypat
     episode = next(iter(learner.episodes(sampler, epoch=1, seed=0)))
     theta0, phi0 = _snapshot(learner.theta), _snapshot(learner.phi)
 
-    # Stop right after the inner loop by intercepting the outer optimizer's step.
+    # Look right after the inner loop (the outer gradient's start) and at the outer step.
     seen = {}
+    real_outer_gradient = learner._outer_gradient
 
-    def outer_step(*a, **k):
+    def outer_gradient(query):
         seen["theta_before_outer"] = _snapshot(learner.theta)
         seen["phi_after_inner"] = _snapshot(learner.phi)
+        return real_outer_gradient(query)
+
+    def outer_step(*a, **k):
         seen["theta_grads"] = [p.grad is not None for p in learner.theta]
         seen["phi_grads"] = [p.grad is not None for p in learner.phi]
         return real_step(*a, **k)
 
     real_step = learner.outer_optimizer.step
     monkeypatch.setattr(learner.outer_optimizer, "step", outer_step)
+    monkeypatch.setattr(learner, "_outer_gradient", outer_gradient)
     learner.train_episode(episode)
 
     # inner loop: theta untouched, phi moved

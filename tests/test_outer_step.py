@@ -129,6 +129,14 @@ def _hand_adamw_first_step(p, g, lr, wd, betas=(0.9, 0.999), eps=1e-8):
     return p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
 
 
+def _outer_step(learner, query):
+    """The outer step of one task (meta-batch 1): its gradient, then the AdamW step."""
+    logs = learner._outer_gradient(query)
+    learner.outer_optimizer.step()
+    learner.outer_optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
 def _run_outer_step(learner, query, monkeypatch):
     """The learner's outer step under the noise seed; returns theta's gradient as the
     optimizer sees it and theta after the step."""
@@ -142,7 +150,7 @@ def _run_outer_step(learner, query, monkeypatch):
 
     monkeypatch.setattr(learner.outer_optimizer, "step", step)
     torch.manual_seed(NOISE_SEED)
-    logs = learner._outer_step(query)
+    logs = _outer_step(learner, query)
     return seen, logs
 
 
@@ -188,7 +196,7 @@ def test_the_two_readings_give_different_theta(episode):
     for reading in ("kl_only", "first_order"):
         model, learner = _learner(reading)
         torch.manual_seed(NOISE_SEED)
-        learner._outer_step(query)
+        _outer_step(learner, query)
         thetas[reading] = [p.detach().clone() for p in learner.theta]
     diffs = [(a - b).abs().max().item() for a, b in zip(thetas["kl_only"], thetas["first_order"])]
     # AdamW's first step moves each element by about lr * sign(g): the NLL flips many signs
@@ -201,7 +209,7 @@ def test_first_order_query_nll_is_the_mean_over_query_batches(episode):
     model, learner = _learner("first_order")
     _, ref_nll = _reference_query_nll_grads(model, query)
     torch.manual_seed(NOISE_SEED)
-    logs = learner._outer_step(query)
+    logs = _outer_step(learner, query)
     assert logs["query_nll"] == pytest.approx(ref_nll, rel=1e-5)
 
 

@@ -20,8 +20,9 @@ def _results(out: Path):
 
 def _numbers(res):
     """Everything in a results.json that must repeat exactly (wall-clock speed need not)."""
+    wall_clock = ("tokens_per_second", "seconds")
     history = [
-        {**h, "train": {k: v for k, v in h.get("train", {}).items() if k != "tokens_per_second"}}
+        {**h, "train": {k: v for k, v in h.get("train", {}).items() if k not in wall_clock}}
         for h in res["history"]
     ]
     return {"test": res["test"], "history": history, "best_epoch": res["best_epoch"]}

@@ -9,4 +9,5 @@ Each measurement runs in its own fresh subprocess, so that no method sees anothe
 * :mod:`abmll.benchmark.workers` — run those in fresh processes and read their results back.
 * :mod:`abmll.benchmark.report` — the Markdown tables.
 * :mod:`abmll.benchmark.cli` — the scripts' command lines (``main``, ``benchmark_main``).
+* :mod:`abmll.benchmark.processes` — epoch time with 1 vs N processes (``scripts/benchmark_processes.py``).
 """

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from abmll.distributed import LOCAL, Replicas, seed_of, seeded
 from abmll.evaluation.metrics import classification_metrics, option_probs
 from abmll.objectives import final_hidden_states, logits_at
 
@@ -63,15 +64,24 @@ def evaluate_unseen_tasks(
     n_bins: int = 15,
     desc: str = "eval",
     tasks: Optional[List[str]] = None,
+    replicas: Replicas = LOCAL,
+    seed: Optional[int] = None,
 ) -> Dict[str, object]:
     """Per unseen task: adapt a copy of the adapters on ``num_support`` support batches,
     evaluate the rest of the task (capped), restore. Returns per-task metrics and their
-    unweighted mean over tasks (``mean``) plus metrics of all examples pooled (``pooled``)."""
-    per_task: Dict[str, Dict[str, float]] = {}
-    all_probs, all_labels = [], []
-    for task in tqdm(tasks or sampler.task_names, desc=desc, leave=False):
+    unweighted mean over tasks (``mean``) plus metrics of all examples pooled (``pooled``).
+
+    With several processes (``replicas``) each evaluates its share of the tasks and every
+    process returns the results of all, in task order. ``seed``: each task runs under its own
+    RNG seeded from (seed, desc, task), so its noise does not depend on which process runs it
+    or what ran before (None: the running RNG).
+    """
+    tasks = list(tasks or sampler.task_names)
+    mine: Dict[str, tuple] = {}
+    for task in tqdm(replicas.shard(tasks), desc=desc, leave=False, disable=not replicas.is_main):
         support, eval_batches = sampler.adaptation_split(task, num_support, max_eval_examples)
-        with learner.adapted(support), learner.autocast():
+        task_seed = None if seed is None else seed_of(seed, desc, task)
+        with seeded(task_seed, learner.device), learner.adapted(support), learner.autocast():
             probs = torch.cat(
                 [
                     predict_option_probs(learner.model, b, option_ids, num_samples, learner.device)
@@ -79,9 +89,11 @@ def evaluate_unseen_tasks(
                 ]
             )
         labels = torch.cat([b["label"] for b in eval_batches])
-        per_task[task] = classification_metrics(probs, labels, n_bins)
-        all_probs.append(probs)
-        all_labels.append(labels)
+        mine[task] = (classification_metrics(probs, labels, n_bins), probs, labels)
+    done = {k: v for part in replicas.all_gather(mine) for k, v in part.items()}
+    per_task = {task: done[task][0] for task in tasks}
     mean = {m: sum(r[m] for r in per_task.values()) / len(per_task) for m in METRICS}
-    pooled = classification_metrics(torch.cat(all_probs), torch.cat(all_labels), n_bins)
+    pooled = classification_metrics(
+        torch.cat([done[t][1] for t in tasks]), torch.cat([done[t][2] for t in tasks]), n_bins
+    )
     return {"per_task": per_task, "mean": mean, "pooled": pooled}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import torch
 from torch import nn
 from torchtune import utils
 
+from abmll.distributed import LOCAL
 from abmll.learners.base import Batch, Episode, Learner, _check_positive
 from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
 from abmll.modules.names import clean_name
@@ -59,6 +60,9 @@ class ABMLL(Learner):
         test_time_adaptation: adapt phi on K support batches before evaluating unseen tasks.
         weight_decay: AdamW weight decay for every optimizer (paper: not used; 0).
         outer_gradient: ``"kl_only"`` or ``"first_order"`` (see above).
+        meta_batch_size: M tasks per outer step (not in the paper, whose setting is 1): each
+            task's inner loop starts from theta, their outer gradients are averaged, then one
+            outer AdamW step.
     """
 
     adapter_kind = "gaussian"
@@ -78,8 +82,9 @@ class ABMLL(Learner):
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
         outer_gradient: str = DEFAULT_OUTER_GRADIENT,
+        meta_batch_size: int = 1,
     ):
-        super().__init__(inner_steps, test_lr, test_time_adaptation, weight_decay)
+        super().__init__(inner_steps, test_lr, test_time_adaptation, weight_decay, meta_batch_size)
         if outer_gradient not in OUTER_GRADIENTS:
             raise ValueError(
                 f"learner.outer_gradient must be one of {OUTER_GRADIENTS}, got {outer_gradient!r}"
@@ -106,8 +111,14 @@ class ABMLL(Learner):
         # Each reading of the outer step is its own row in the tables.
         return "ABMLL" if self.outer_gradient == "kl_only" else "ABMLL-FO"
 
-    def setup(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
-        super().setup(model, device, compute_dtype)
+    def setup(self, model, device, compute_dtype=torch.float32, replicas=LOCAL) -> None:
+        if replicas.world_size > 1 and not self.reset_inner_optimizer:
+            raise ValueError(
+                "learner.reset_inner_optimizer=false carries the inner AdamW moments from task to "
+                "task, which with several processes would differ between them; set it to true "
+                "(the default) or run one process"
+            )
+        super().setup(model, device, compute_dtype, replicas)
         layers = [m for _, m in gaussian_lora_modules(model)]
         self.theta: List[nn.Parameter] = [p for m in layers for p in m.pair_params(THETA_PAIRS)]
         self.phi: List[nn.Parameter] = [p for m in layers for p in m.pair_params(PHI_PAIRS)]
@@ -147,26 +158,35 @@ class ABMLL(Learner):
             p.requires_grad_(id(p) in keep)
 
     # --- one task ---------------------------------------------------------------------------
-    def episodes(self, sampler, epoch: int, seed: int) -> Iterator[Episode]:
-        for task in self._task_order(sampler, epoch, seed):
-            support, query = sampler.episode(task, epoch, self.inner_steps, self.num_query_batches)
-            yield Episode(task, support, query)
+    def make_episode(self, sampler, key, epoch: int) -> Episode:
+        support, query = sampler.episode(key, epoch, self.inner_steps, self.num_query_batches)
+        return Episode(key, support, query)
 
-    def train_episode(self, episode: Episode) -> Dict[str, float]:
-        inner = self._inner_loop(episode.support)
-        outer = self._outer_step(episode.query)
-        # phi <- theta
+    def train_meta_batch(self, episodes: List[Episode], total: int) -> Dict[str, float]:
+        """Per task: the inner loop from theta, then its outer gradient into theta.grad, then
+        phi <- theta; after all tasks (of every process): the mean gradient, one AdamW step."""
+        logs = []
+        for episode in episodes:
+            with episode.rng(self.device):
+                inner = self._inner_loop(episode.support)
+                outer = self._outer_gradient(episode.query)
+            self._copy_theta_to_phi()  # the next task starts from theta too
+            n = len(inner)
+            logs.append({
+                "inner_nll": sum(d["nll"] for d in inner) / n,
+                "inner_kl": sum(d["kl"] for d in inner) / n,
+                **outer,
+            })
+        self._average_grads(self.theta, total)
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self._copy_theta_to_phi()
+        self._train_only(self.theta + self.phi)
+        return {**self._mean_metrics(logs, total), "lr_inner": self.inner_lr, "lr_outer": self.outer_lr}
+
+    def _copy_theta_to_phi(self) -> None:
         for layer in self.layers:
             layer.copy_theta_to_phi()
-        self._train_only(self.theta + self.phi)
-        n = len(inner)
-        return {
-            "inner_nll": sum(d["nll"] for d in inner) / n,
-            "inner_kl": sum(d["kl"] for d in inner) / n,
-            **outer,
-            "lr_inner": self.inner_lr,
-            "lr_outer": self.outer_lr,
-        }
 
     def _inner_loop(self, support: List[Batch]) -> List[Dict[str, float]]:
         """K AdamW steps on phi only, with ``NLL + beta*KL``."""
@@ -175,10 +195,11 @@ class ABMLL(Learner):
         self._train_only(self.phi)
         return self._sgd_steps(self.inner_optimizer, support, self.inner_loss)
 
-    def _outer_step(self, query: List[Batch]) -> Dict[str, float]:
-        """One AdamW step on theta with ``NLL(query; phi_K) + beta*(KL + -log p(theta))``.
+    def _outer_gradient(self, query: List[Batch]) -> Dict[str, float]:
+        """Backward of ``NLL(query; phi_K) + beta*(KL + -log p(theta))`` into theta.grad
+        (accumulating over a meta-batch's tasks); the step is the caller's.
 
-        Leaves phi as it was (the caller copies theta into it) and no gradients behind.
+        Leaves phi as it was (the caller copies theta into it) and no gradient on phi.
         """
         logs: Dict[str, float] = {}
         if self.outer_gradient == "kl_only":
@@ -197,8 +218,6 @@ class ABMLL(Learner):
         (self.beta * (kl + prior)).backward()
         if self.outer_gradient == "first_order":
             self._add_phi_grad_to_theta()
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
         return {
             "query_nll": query_nll,
             "outer_kl": kl.item(),

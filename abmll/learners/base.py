@@ -1,9 +1,16 @@
 """What every learner shares: the episode type, the NLL forward, test-time adaptation.
 
-A learner decides which parameters train, what one meta-training episode does, and how a
-copy of the adapters is adapted to an unseen task. The recipe drives: it asks the learner
-for the epoch's episodes, hands each to ``train_episode``, and wraps evaluation on an unseen
-task in ``with learner.adapted(support_batches):``.
+A learner decides which parameters train, what one meta-training step does, and how a copy of
+the adapters is adapted to an unseen task. The recipe drives: it asks the learner for the
+epoch's episode keys (tasks, in a seeded order), groups them ``meta_batch_size`` at a time,
+builds this process's share of each group (``make_episode``) and hands them to
+``train_meta_batch``; evaluation on an unseen task is wrapped in
+``with learner.adapted(support_batches):``.
+
+Meta-batch (``learner.meta_batch_size``, not in the paper, whose setting is 1): the outer
+update of a step is the average over M tasks: each task's inner loop starts from the same
+global adapters, and the M tasks may run in different processes (:mod:`abmll.distributed`).
+With M = 1 and one process a step is one task, exactly the paper's algorithm.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
+from abmll.distributed import LOCAL, Replicas, seed_of, seeded
 from abmll.modules import GaussianLoRALinear
 from abmll.modules.names import named_adapter_params
 from abmll.objectives import model_answer_nll
@@ -31,6 +39,15 @@ class Episode:
     task: str
     support: List[Batch]
     query: List[Batch] = field(default_factory=list)
+    # Seed of the episode's own RNG (meta-batch > 1 or several processes: a task then draws
+    # the same noise whichever process runs it); None: the running RNG (the paper's setting).
+    seed: Optional[int] = None
+
+    def rng(self, device: torch.device, *step):
+        """The RNG context the episode's forwards run in (``step``: one step's own)."""
+        if self.seed is None:
+            return seeded(None, device)
+        return seeded(seed_of(self.seed, *step) if step else self.seed, device)
 
     @property
     def num_tokens(self) -> int:
@@ -62,10 +79,13 @@ class Learner:
         test_lr: float = 1e-5,
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
+        meta_batch_size: int = 1,
     ):
         _check_positive("inner_steps", inner_steps)
         _check_positive("test_lr", test_lr, allow_zero=True)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("meta_batch_size", meta_batch_size)
+        self.meta_batch_size = int(meta_batch_size)
         self.inner_steps = int(inner_steps)
         self.test_lr = float(test_lr)
         self.test_time_adaptation = bool(test_time_adaptation)
@@ -73,10 +93,20 @@ class Learner:
         self.model: Optional[nn.Module] = None
         self.device = torch.device("cpu")
         self.compute_dtype = torch.float32
+        self.replicas = LOCAL
 
     # --- set-up ---------------------------------------------------------------------------
-    def setup(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        compute_dtype: torch.dtype = torch.float32,
+        replicas: Replicas = LOCAL,
+    ) -> None:
         """Take the model's adapters as this learner's parameters.
+
+        With several processes (``replicas``) the adapters are made identical on all of them
+        (process 0's), and each meta-step's update is summed over them.
 
         With a lower-precision ``compute_dtype`` (bf16) the frozen model stays in it, but the
         adapters become float32 master weights (their AdamW updates, ~lr, are far below one
@@ -84,9 +114,16 @@ class Learner:
         ``torch.autocast(compute_dtype)`` (:meth:`autocast`), which casts them per matmul.
         """
         self._check_model(model)
+        if self.meta_batch_size % replicas.world_size:
+            raise ValueError(
+                f"learner.meta_batch_size={self.meta_batch_size} must be a multiple of the number of "
+                f"processes ({replicas.world_size}): each process runs meta_batch_size / "
+                f"{replicas.world_size} tasks per step"
+            )
         self.model = model
         self.device = device
         self.compute_dtype = compute_dtype
+        self.replicas = replicas
         # set_trainable_params matches model.named_parameters(), which carry the activation
         # checkpointing prefix; everything we key by name (checkpoint, resume, export) uses
         # clean names, so a run resumes and exports the same with checkpointing on or off.
@@ -95,6 +132,9 @@ class Learner:
         if compute_dtype != torch.float32:
             for p in self.adapter_params.values():
                 p.data = p.data.float()
+        # torchtune seeds each process with seed + rank, so the adapters' random initial
+        # values differ between processes: take process 0's.
+        replicas.broadcast_([p.data for p in self.adapter_params.values()])
 
     def autocast(self):
         """The context every model forward runs in: bf16 autocast when the compute dtype is
@@ -126,11 +166,19 @@ class Learner:
         return torch.optim.AdamW(list(params), lr=lr, weight_decay=self.weight_decay)
 
     # --- training ---------------------------------------------------------------------------
+    def episode_keys(self, sampler, epoch: int, seed: int) -> List:
+        """The epoch's episodes, in order, as keys for :meth:`make_episode`: the training
+        tasks in an order shuffled by (seed, epoch)."""
+        return self._task_order(sampler, epoch, seed)
+
+    def make_episode(self, sampler, key, epoch: int) -> Episode:
+        """Per task: K support batches."""
+        support, _ = sampler.episode(key, epoch, self.inner_steps, 0)
+        return Episode(key, support)
+
     def episodes(self, sampler, epoch: int, seed: int) -> Iterator[Episode]:
-        """Per task, in an order shuffled by (seed, epoch): K support batches."""
-        for task in self._task_order(sampler, epoch, seed):
-            support, _ = sampler.episode(task, epoch, self.inner_steps, 0)
-            yield Episode(task, support)
+        for key in self.episode_keys(sampler, epoch, seed):
+            yield self.make_episode(sampler, key, epoch)
 
     @staticmethod
     def _task_order(sampler, epoch: int, seed: int) -> List[str]:
@@ -142,7 +190,34 @@ class Learner:
         return len(sampler.task_names)
 
     def train_episode(self, episode: Episode) -> Dict[str, float]:
+        """One meta-step on one task (meta-batch 1, one process)."""
+        return self.train_meta_batch([episode], 1)
+
+    def train_meta_batch(self, episodes: List[Episode], total: int) -> Dict[str, float]:
+        """One meta-step over a meta-batch of ``total`` tasks, of which ``episodes`` are this
+        process's share (possibly none); returns the step's metrics averaged over the tasks."""
         raise NotImplementedError
+
+    def _mean_metrics(self, per_episode: List[Dict[str, float]], total: int) -> Dict[str, float]:
+        """Metrics averaged over the ``total`` tasks of a meta-step, on every process."""
+        sums: Dict[str, float] = {}
+        for metrics in per_episode:
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / total for k, v in self.replicas.sum_metrics(sums).items()}
+
+    def _average_grads(self, params: List[nn.Parameter], total: int) -> None:
+        """Gradients summed over processes and divided by the meta-batch's ``total`` tasks
+        (exact no-ops for one task in one process)."""
+        if self.replicas.world_size > 1:
+            for p in params:
+                if p.grad is None:  # a process without episodes in this step adds zeros
+                    p.grad = torch.zeros_like(p)
+            self.replicas.all_reduce_sum_([p.grad for p in params])
+        if total != 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(total)
 
     def nll(self, batch: Batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)

@@ -4,10 +4,11 @@ Structured LoRA and Reptile. All use the same test-time adaptation as ABMLL
 
 from __future__ import annotations
 
-from typing import Dict, Iterator
+from typing import Dict, List
 
 import torch
 
+from abmll.distributed import LOCAL
 from abmll.learners.base import Episode, Learner, _check_positive
 
 
@@ -26,15 +27,17 @@ class Pretrained(Learner):
 
     adapter_kind = None
 
-    def __init__(self, inner_steps: int = 5, test_lr: float = 1e-5, test_time_adaptation: bool = False):
-        super().__init__(inner_steps, test_lr, test_time_adaptation)
+    def __init__(self, inner_steps: int = 5, test_lr: float = 1e-5, test_time_adaptation: bool = False,
+                 meta_batch_size: int = 1):
+        # meta_batch_size is accepted (a sweep may set it for every method) and has no effect.
+        super().__init__(inner_steps, test_lr, test_time_adaptation, meta_batch_size=meta_batch_size)
 
     @property
     def method_name(self) -> str:
         return "PretrainedTTA" if self.test_time_adaptation else "Pretrained"
 
-    def setup(self, model, device, compute_dtype=torch.float32) -> None:
-        super().setup(model, device, compute_dtype)
+    def setup(self, model, device, compute_dtype=torch.float32, replicas=LOCAL) -> None:
+        super().setup(model, device, compute_dtype, replicas)
         if self.test_time_adaptation and not self.adapter_params:
             raise ValueError(
                 "learner.test_time_adaptation=true for Pretrained adapts LoRA adapters from zero, "
@@ -42,15 +45,18 @@ class Pretrained(Learner):
                 "abmll.models.lora_smollm2_135m, as the pretrained configs do)"
             )
 
-    def episodes(self, sampler, epoch: int, seed: int) -> Iterator[Episode]:
-        return iter(())
+    def episode_keys(self, sampler, epoch: int, seed: int) -> List:
+        return []
 
     def num_episodes(self, sampler) -> int:
         return 0
 
 
 class StructuredLoRA(Learner):
-    """One LoRA trained K steps on one task at a time, tasks in turn; no global copy, no reset."""
+    """One LoRA trained K steps on one task at a time, tasks in turn; no global copy, no reset.
+
+    With a meta-batch of M tasks, step k's gradient is the mean of the M tasks' k-th batch
+    gradients (data parallel over tasks), so a meta-step is still K AdamW steps."""
 
     adapter_kind = "lora"
 
@@ -61,18 +67,30 @@ class StructuredLoRA(Learner):
         test_lr: float = 1e-5,
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
+        meta_batch_size: int = 1,
     ):
-        super().__init__(inner_steps, test_lr, test_time_adaptation, weight_decay)
+        super().__init__(inner_steps, test_lr, test_time_adaptation, weight_decay, meta_batch_size)
         _check_positive("lr", lr)
         self.lr = float(lr)
 
-    def setup(self, model, device, compute_dtype=torch.float32) -> None:
-        super().setup(model, device, compute_dtype)
+    def setup(self, model, device, compute_dtype=torch.float32, replicas=LOCAL) -> None:
+        super().setup(model, device, compute_dtype, replicas)
         self.optimizer = self._adamw(self.adapter_params.values(), self.lr)
 
-    def train_episode(self, episode: Episode) -> Dict[str, float]:
-        logs = self._sgd_steps(self.optimizer, episode.support, self.adaptation_loss)
-        return {**_mean_nll(logs), "lr": self.lr}
+    def train_meta_batch(self, episodes: List[Episode], total: int) -> Dict[str, float]:
+        params = list(self.adapter_params.values())
+        logs: List[List[Dict[str, float]]] = [[] for _ in episodes]
+        for k in range(self.inner_steps):
+            for episode, log in zip(episodes, logs):
+                if k < len(episode.support):
+                    with episode.rng(self.device, k):
+                        loss, parts = self.adaptation_loss(episode.support[k])
+                        loss.backward()
+                    log.append(parts)
+            self._average_grads(params, total)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {**self._mean_metrics([_mean_nll(log) for log in logs], total), "lr": self.lr}
 
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict()}
@@ -95,14 +113,20 @@ class RegularLoRA(StructuredLoRA):
         test_lr: float = 1e-5,
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
+        meta_batch_size: int = 1,
     ):
-        super().__init__(inner_steps, lr, test_lr, test_time_adaptation, weight_decay)
+        super().__init__(inner_steps, lr, test_lr, test_time_adaptation, weight_decay, meta_batch_size)
+        self._pooled = (None, [])
 
-    def episodes(self, sampler, epoch: int, seed: int) -> Iterator[Episode]:
-        n = self.num_episodes(sampler)
-        batches = sampler.pooled_batches(epoch, n * self.inner_steps)
-        for i in range(n):
-            yield Episode("pooled", batches[i * self.inner_steps : (i + 1) * self.inner_steps])
+    def episode_keys(self, sampler, epoch: int, seed: int) -> List:
+        return list(range(self.num_episodes(sampler)))  # chunk i of the epoch's pooled batches
+
+    def make_episode(self, sampler, key, epoch: int) -> Episode:
+        if self._pooled[0] != (id(sampler), epoch):
+            batches = sampler.pooled_batches(epoch, self.num_episodes(sampler) * self.inner_steps)
+            self._pooled = ((id(sampler), epoch), batches)
+        batches = self._pooled[1]
+        return Episode(f"pooled{key}", batches[key * self.inner_steps : (key + 1) * self.inner_steps])
 
 
 class Reptile(StructuredLoRA):
@@ -117,20 +141,31 @@ class Reptile(StructuredLoRA):
         test_lr: float = 1e-5,
         test_time_adaptation: bool = True,
         weight_decay: float = 0.0,
+        meta_batch_size: int = 1,
     ):
-        super().__init__(inner_steps, lr, test_lr, test_time_adaptation, weight_decay)
+        super().__init__(inner_steps, lr, test_lr, test_time_adaptation, weight_decay, meta_batch_size)
         if not 0.0 < epsilon <= 1.0:
             raise ValueError(f"learner.epsilon must be in (0, 1], got {epsilon}")
         self.epsilon = float(epsilon)
 
-    def train_episode(self, episode: Episode) -> Dict[str, float]:
+    def train_meta_batch(self, episodes: List[Episode], total: int) -> Dict[str, float]:
+        """Per task: K steps from theta; then theta += epsilon * (mean of the moves phi_i - theta)."""
         theta = {k: p.detach().clone() for k, p in self.adapter_params.items()}
-        self.optimizer = self._adamw(self.adapter_params.values(), self.lr)
-        logs = self._sgd_steps(self.optimizer, episode.support, self.adaptation_loss)
+        moves = {k: torch.zeros_like(p) for k, p in theta.items()}
+        logs = []
+        for episode in episodes:
+            with episode.rng(self.device):
+                self.optimizer = self._adamw(self.adapter_params.values(), self.lr)
+                logs.append(_mean_nll(self._sgd_steps(self.optimizer, episode.support, self.adaptation_loss)))
+            with torch.no_grad():
+                for k, p in self.adapter_params.items():
+                    moves[k] += p - theta[k]
+                    p.copy_(theta[k])  # the next task starts from theta too
+        self.replicas.all_reduce_sum_(list(moves.values()))
         with torch.no_grad():
             for k, p in self.adapter_params.items():
-                p.copy_(theta[k] + self.epsilon * (p - theta[k]))
-        return {**_mean_nll(logs), "lr": self.lr}
+                p.copy_(theta[k] + self.epsilon * (moves[k] / total))
+        return {**self._mean_metrics(logs, total), "lr": self.lr}
 
     def state_dict(self):
         return {}  # the inner optimizer restarts every task

@@ -47,7 +47,7 @@ def write_figure2(
     splits: Sequence[str],
     methods: Optional[Sequence[str]] = None,
     *,
-    abmll_beta: float = 1e-8,
+    abmll_beta: Optional[float] = None,
 ) -> tuple:
     """``figure2.csv`` (all ``splits``) and ``figure2_{split}.png`` per split. Returns (paths, notes)."""
     paths, notes, curves_all = [], [], []
@@ -111,7 +111,7 @@ def aggregate(
     out_dir: Path,
     *,
     alpha: float = DEFAULT_ALPHA,
-    abmll_beta: float = 1e-8,
+    abmll_beta: Optional[float] = None,
     test_average: str = "mean",
     table1_splits: Optional[Sequence[str]] = None,
     table2_splits: Optional[Sequence[str]] = None,
@@ -200,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("results", nargs="+", type=Path, help="directories (or results.json files) to read")
     p.add_argument("--out", type=Path, required=True, help="directory for the tables")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="Welch t-test level for bolding (default 0.05)")
-    p.add_argument("--abmll-beta", type=float, default=1e-8, help="ABMLL beta used in Tables 1-2 and Figure 2 (default 1e-8)")
+    p.add_argument("--abmll-beta", type=float, default=None,
+                   help="ABMLL beta used in Tables 1-2, Figure 2 and the comparison (default: the learner's default, 1e-8)")
     p.add_argument("--test-average", choices=["mean", "pooled"], default="mean",
                    help="Table 1: test metrics averaged over tasks (mean, default) or pooled over examples")
     p.add_argument("--splits", help="Table 1 splits (default: all found)")

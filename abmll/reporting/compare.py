@@ -22,17 +22,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .results import ABMLL_METHODS, ResultSet, RunResult, method_label
 from .stats import summarize, welch_t_test
+from .tables import abmll_runs
 
 __all__ = ["method_runs", "comparison_csv", "comparison_markdown", "per_task_tables", "save_acc_vs_ece_png"]
 
 METRICS = ("accuracy", "ece", "nll", "brier")
 
 
-def method_runs(results: ResultSet, split: str, abmll_beta: float = 1e-8) -> Dict[str, List[RunResult]]:
+def method_runs(results: ResultSet, split: str, abmll_beta: Optional[float] = None) -> Dict[str, List[RunResult]]:
     """The runs of each method on ``split``, in row order (ABMLL variants at ``abmll_beta``)."""
     out: Dict[str, List[RunResult]] = {}
     for m in results.methods():
-        runs = results.select(split=split, method=m, beta=abmll_beta if m in ABMLL_METHODS else "any")
+        runs = abmll_runs(results, split, abmll_beta, m)[0] if m in ABMLL_METHODS else results.select(split=split, method=m)
         if runs:
             out[m] = runs
     return out

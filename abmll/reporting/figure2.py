@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .results import ResultSet, method_label, method_sort_key, split_label
+from .results import ABMLL_METHODS, ResultSet, method_label, method_sort_key, split_label
 from .stats import moving_average
+from .tables import abmll_runs
 
 __all__ = ["Curve", "figure2_curves", "figure2_csv", "save_figure2_png", "WINDOW"]
 
@@ -41,16 +42,14 @@ def figure2_curves(
     split: str,
     methods: Optional[Sequence[str]] = None,
     *,
-    abmll_beta: float = 1e-8,
+    abmll_beta: Optional[float] = None,
     window: int = WINDOW,
 ) -> List[Curve]:
     methods = sorted(methods if methods is not None else results.methods(), key=method_sort_key)
     curves = []
     for m in methods:
-        if m == "ABMLL":
-            runs = results.select(split=split, method=m, beta=abmll_beta)
-            if not runs and len(results.betas(split)) == 1:
-                runs = results.select(split=split, method=m, beta=results.betas(split)[0])
+        if m in ABMLL_METHODS:
+            runs, _ = abmll_runs(results, split, abmll_beta, m)
         else:
             runs = results.select(split=split, method=m)
         per_epoch: Dict[int, Dict[str, List[float]]] = {}

@@ -17,6 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from abmll.run_contract import (
+    ABMLL_METHODS,
+    CHECKPOINT_FILE,
+    FAILED_MARKER,
+    METHOD_LABELS,
+    METHOD_ORDER,
+    RESULTS_FILE,
+    RunDir,
+    canonical_method,
+    method_label,
+    results_problem,
+)
+
 __all__ = [
     "METHOD_ORDER",
     "METHOD_LABELS",
@@ -32,38 +45,9 @@ __all__ = [
     "method_label",
     "split_label",
     "log10_beta",
+    "default_abmll_beta",
 ]
 
-# The paper's row order (Table 1) and display names.
-# Variants after their method: "Pretrained + TTA" (LoRA from zero, test-time adaptation only)
-# and ABMLL with the first-order outer gradient (learner.outer_gradient=first_order).
-METHOD_ORDER = ["Pretrained", "PretrainedTTA", "RegularLoRA", "StructuredLoRA", "Reptile", "ABMLL", "ABMLL-FO"]
-METHOD_LABELS = {
-    "Pretrained": "Pretrained",
-    "PretrainedTTA": "Pretrained + TTA",
-    "RegularLoRA": "Regular LoRA",
-    "StructuredLoRA": "Struct. LoRA",
-    "Reptile": "Reptile",
-    "ABMLL": "ABMLL",
-    "ABMLL-FO": "ABMLL (first-order)",
-}
-ABMLL_METHODS = ("ABMLL", "ABMLL-FO")  # the methods with a beta
-# Config short names (``tiny/regular_lora``) and other spellings -> class names.
-_METHOD_ALIASES = {
-    "pretrained": "Pretrained",
-    "pretrained_tta": "PretrainedTTA",
-    "pretrainedtta": "PretrainedTTA",
-    "abmll_first_order": "ABMLL-FO",
-    "abmll-fo": "ABMLL-FO",
-    "regular_lora": "RegularLoRA",
-    "regularlora": "RegularLoRA",
-    "regular lora": "RegularLoRA",
-    "structured_lora": "StructuredLoRA",
-    "structuredlora": "StructuredLoRA",
-    "struct. lora": "StructuredLoRA",
-    "reptile": "Reptile",
-    "abmll": "ABMLL",
-}
 # The paper's column order; other splits follow alphabetically.
 SPLIT_ORDER = ["cls45", "cls23", "nli", "para", "mcqa", "bigbench-mc", "tiny"]
 SPLIT_LABELS = {
@@ -74,22 +58,7 @@ SPLIT_LABELS = {
     "mcqa": "MCQA",
 }
 
-# Written by the reproduce scripts into a run's output_dir when its `tune run` failed.
-FAILED_MARKER = "reproduce_failed.log"
-
 METRICS = ("accuracy", "ece", "nll", "brier")
-
-
-def canonical_method(name: str) -> str:
-    """``"regular_lora"`` / ``"RegularLoRA"`` / ``"abmll.learners.RegularLoRA"`` -> ``"RegularLoRA"``."""
-    short = str(name).rsplit(".", 1)[-1]
-    if short in METHOD_LABELS:
-        return short
-    return _METHOD_ALIASES.get(short.lower(), short)
-
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
 
 
 def split_label(split: str) -> str:
@@ -102,6 +71,15 @@ def method_sort_key(method: str) -> Tuple[int, str]:
 
 def split_sort_key(split: str) -> Tuple[int, str]:
     return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def default_abmll_beta() -> float:
+    """The ABMLL learner's default ``learner.beta``: what a run without the key used, and what
+    the tables select when no beta is given. Imported here, not at the top, because the
+    reporting is otherwise pure Python and this import pulls in torch."""
+    from abmll.learners.abmll import DEFAULT_BETA
+
+    return DEFAULT_BETA
 
 
 def log10_beta(beta: Optional[float]) -> Optional[float]:
@@ -190,11 +168,11 @@ class ResultSet:
             out.append(r)
         return sorted(out, key=lambda r: r.seed)
 
-    def betas(self, split: str) -> List[float]:
-        """Distinct ABMLL betas of a split, largest first."""
+    def betas(self, split: str, method: str = "ABMLL") -> List[float]:
+        """Distinct betas of an ABMLL method's runs on a split, largest first."""
         found: List[float] = []
         for r in self.runs:
-            if r.split == split and r.method == "ABMLL" and r.beta is not None:
+            if r.split == split and r.method == method and r.beta is not None:
                 if not any(_same_beta(r.beta, b) for b in found):
                     found.append(r.beta)
         return sorted(found, reverse=True)
@@ -206,35 +184,15 @@ def _same_beta(a: Optional[float], b: Optional[float]) -> bool:
     return log10_beta(a) == log10_beta(b)
 
 
-def _check_results(data: Any) -> Optional[str]:
-    """Why this parsed JSON is not a usable results.json (None if it is)."""
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    for key in ("method", "split", "seed", "test", "val_at_best"):
-        if key not in data:
-            return f"missing key {key!r}"
-    test = data["test"]
-    if not isinstance(test, dict) or not isinstance(test.get("mean"), dict):
-        return "missing test.mean"
-    for metric in ("accuracy", "ece"):
-        if not isinstance(test["mean"].get(metric), (int, float)):
-            return f"missing test.mean.{metric}"
-        val = data["val_at_best"]
-        if val is not None and not isinstance(val.get(metric) if isinstance(val, dict) else None, (int, float)):
-            return f"missing val_at_best.{metric}"
-    return None
-
-
 def _parse(path: Path) -> Union[RunResult, Problem]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return Problem(path, "corrupt", f"cannot read JSON ({type(err).__name__}: {err})")
-    if isinstance(data, dict) and data.get("finished") is not True:
-        return Problem(path, "unfinished", "results.json without \"finished\": true")
-    why = _check_results(data)
+    why = results_problem(data)
     if why:
-        return Problem(path, "corrupt", why)
+        unfinished = isinstance(data, dict) and data.get("finished") is not True
+        return Problem(path, "unfinished" if unfinished else "corrupt", why)
     method = canonical_method(data.get("method") or data.get("learner") or "")
     beta = None
     if method in ABMLL_METHODS:
@@ -245,11 +203,7 @@ def _parse(path: Path) -> Union[RunResult, Problem]:
             except (TypeError, ValueError):
                 return Problem(path, "corrupt", f"config.learner.beta is not a number: {learner_cfg['beta']!r}")
         else:
-            # The learner's own default; imported here, not at the top, because the reporting
-            # is otherwise pure Python and this (torch) import is needed only for such runs.
-            from abmll.learners.abmll import DEFAULT_BETA
-
-            beta = DEFAULT_BETA
+            beta = default_abmll_beta()
     try:
         seed = int(data["seed"])
     except (TypeError, ValueError):
@@ -304,12 +258,13 @@ def _discover(root: Path) -> Tuple[List[Path], List[Problem]]:
         return [root], []
     if not root.is_dir():
         return [], [Problem(root, "missing", "no such file or directory")]
-    found = sorted(root.rglob("results.json"))
+    found = sorted(root.rglob(RESULTS_FILE))
     have = {p.parent for p in found}
     problems: List[Problem] = []
-    for ckpt in sorted(root.rglob("recipe_state.pt")):
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        if run_dir not in have and not (run_dir / FAILED_MARKER).exists():
+    for ckpt in sorted(root.rglob(CHECKPOINT_FILE)):
+        run = RunDir.of_checkpoint(ckpt)
+        run_dir = run.root
+        if run_dir not in have and not run.failed_marker.exists():
             problems.append(Problem(run_dir, "in-progress", "checkpoint but no results.json (running, or stopped: resume it)"))
     for marker in sorted(root.rglob(FAILED_MARKER)):
         if marker.parent not in have:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .results import (
+    ABMLL_METHODS,
     ResultSet,
+    default_abmll_beta,
     RunResult,
     log10_beta,
     method_label,
@@ -251,25 +253,31 @@ def _significance_note(alpha: float) -> str:
     )
 
 
-def _abmll_runs(results: ResultSet, split: str, abmll_beta: float) -> Tuple[List[RunResult], Optional[str]]:
-    """The ABMLL runs Table 1/2 use for a split: those with ``abmll_beta``, or the only beta there is."""
-    runs = results.select(split=split, method="ABMLL", beta=abmll_beta)
+def abmll_runs(results: ResultSet, split: str, abmll_beta: Optional[float] = None,
+               method: str = "ABMLL") -> Tuple[List[RunResult], Optional[str]]:
+    """The runs of an ABMLL method (one with a beta) that a table or figure uses for a split:
+    those with ``abmll_beta`` (default: the learner's default beta), or the only beta there is."""
+    if abmll_beta is None:
+        abmll_beta = default_abmll_beta()
+    label = method_label(method)
+    runs = results.select(split=split, method=method, beta=abmll_beta)
     if runs:
         return runs, None
-    betas = results.betas(split)
+    betas = results.betas(split, method)
     if len(betas) == 1:
-        return results.select(split=split, method="ABMLL", beta=betas[0]), (
-            f"{split_label(split)}: no ABMLL runs with beta={abmll_beta:g}; used the only beta found, {betas[0]:g}"
+        return results.select(split=split, method=method, beta=betas[0]), (
+            f"{split_label(split)}: no {label} runs with beta={abmll_beta:g}; used the only beta found, {betas[0]:g}"
         )
     return [], (
-        f"{split_label(split)}: no ABMLL runs with beta={abmll_beta:g} (found {', '.join(f'{b:g}' for b in betas)})"
+        f"{split_label(split)}: no {label} runs with beta={abmll_beta:g} (found {', '.join(f'{b:g}' for b in betas)})"
         if betas else None
     )
 
 
-def _method_runs(results: ResultSet, split: str, method: str, abmll_beta: float, notes: List[str]) -> List[RunResult]:
-    if method == "ABMLL":
-        runs, note = _abmll_runs(results, split, abmll_beta)
+def _method_runs(results: ResultSet, split: str, method: str, abmll_beta: Optional[float],
+                 notes: List[str]) -> List[RunResult]:
+    if method in ABMLL_METHODS:
+        runs, note = abmll_runs(results, split, abmll_beta, method)
         if note and note not in notes:
             notes.append(note)
         return runs
@@ -287,7 +295,7 @@ def table1(
     methods: Optional[Sequence[str]] = None,
     *,
     alpha: float = DEFAULT_ALPHA,
-    abmll_beta: float = 1e-8,
+    abmll_beta: Optional[float] = None,
     test_average: str = "mean",
 ) -> Table:
     """Test accuracy and ECE at each run's best validation epoch: methods x splits."""
@@ -328,7 +336,7 @@ def table2(
     fractions: Sequence[float] = PAPER_PRUNE_FRACTIONS,
     metrics: Sequence[str] = ("accuracy", "ece"),
     alpha: float = DEFAULT_ALPHA,
-    abmll_beta: float = 1e-8,
+    abmll_beta: Optional[float] = None,
 ) -> Table:
     """Test metrics with 0/1/10/20/30% of hidden units pruned: per split, methods x fractions."""
     splits = list(splits) if splits is not None else results.splits()

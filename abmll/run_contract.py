@@ -1,0 +1,326 @@
+"""The run contract: the methods, what one run leaves on disk, and its results record.
+
+``tune run abmll_recipe`` writes a run directory; the reproduce scripts start runs and decide
+which are finished; the reporting reads them back. All three use this module, so each fact is
+written once:
+
+* the **method registry** (:data:`METHODS`): the name a run records, its table label, its
+  run-directory / ``--methods`` name, the packaged config (plus overrides, for a variant) and the
+  learner component;
+* the **run directory layout** (:class:`RunDir`)::
+
+      OUTPUT_DIR/
+          results.json               the results record (below); written once the test is measured
+          checkpoints/recipe_state.pt   after every epoch: what a resumed run continues from
+          adapter_best/ adapter_final/  PEFT exports (learners with adapters)
+          logs/                      torchtune's metric logger
+          stdout.log stderr.log      the reproduce scripts' capture of the run
+          reproduce_failed.log       written by the reproduce scripts when the run failed
+
+* the **results record** (:func:`results_record`, :func:`results_problem`) and when a run
+  counts as finished (:meth:`RunDir.is_finished`);
+* the **output directory policy** (:func:`prepare_output_dir`): never overwrite a run unless
+  asked, resume only a checkpoint written with the same config.
+
+Pure Python except :func:`prepare_output_dir` and the checkpoint helpers (torch, imported there),
+so the reporting can read runs without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from abmll.atomic import atomic_write, atomic_write_text
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "METHOD_ORDER",
+    "METHOD_LABELS",
+    "ABMLL_METHODS",
+    "PAPER_METHODS",
+    "KNOWN_LEARNERS",
+    "method",
+    "canonical_method",
+    "method_label",
+    "RESULTS_FILE",
+    "CHECKPOINT_FILE",
+    "FAILED_MARKER",
+    "RunDir",
+    "RunDirError",
+    "results_record",
+    "results_problem",
+    "RESUME_MUTABLE_KEYS",
+    "prepare_output_dir",
+    "check_resume_config",
+    "save_checkpoint",
+]
+
+
+# ------------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Method:
+    name: str  # recorded in results.json ("method"): the learner's ``method_name``
+    label: str  # in tables and figures
+    key: str  # run directory and ``--methods`` name
+    config: str  # packaged config stem: ``{profile}/{config}.yaml``
+    learner: str  # the config's learner._component_
+    overrides: Tuple[str, ...] = ()  # a variant: the config plus these overrides
+    has_beta: bool = False  # results are grouped by learner.beta too
+    in_paper: bool = True  # a row of the paper's Table 1 (what the scripts run by default)
+
+
+# The paper's row order (Table 1), each variant after its method: "Pretrained + TTA" (LoRA from
+# zero, test-time adaptation only) and ABMLL with learner.outer_gradient=first_order.
+METHODS: Tuple[Method, ...] = (
+    Method("Pretrained", "Pretrained", "pretrained", "pretrained", "abmll.learners.Pretrained"),
+    Method("PretrainedTTA", "Pretrained + TTA", "pretrained_tta", "pretrained", "abmll.learners.Pretrained",
+           overrides=("learner.test_time_adaptation=true",), in_paper=False),
+    Method("RegularLoRA", "Regular LoRA", "regular_lora", "regular_lora", "abmll.learners.RegularLoRA"),
+    Method("StructuredLoRA", "Struct. LoRA", "structured_lora", "structured_lora", "abmll.learners.StructuredLoRA"),
+    Method("Reptile", "Reptile", "reptile", "reptile", "abmll.learners.Reptile"),
+    Method("ABMLL", "ABMLL", "abmll", "abmll", "abmll.learners.ABMLL", has_beta=True),
+    Method("ABMLL-FO", "ABMLL (first-order)", "abmll_first_order", "abmll", "abmll.learners.ABMLL",
+           overrides=("learner.outer_gradient=first_order",), has_beta=True, in_paper=False),
+)
+_BY_NAME = {m.name: m for m in METHODS}
+METHOD_ORDER: List[str] = [m.name for m in METHODS]
+METHOD_LABELS: Dict[str, str] = {m.name: m.label for m in METHODS}
+ABMLL_METHODS: Tuple[str, ...] = tuple(m.name for m in METHODS if m.has_beta)
+PAPER_METHODS: Tuple[str, ...] = tuple(m.name for m in METHODS if m.in_paper)
+KNOWN_LEARNERS: Tuple[str, ...] = tuple(dict.fromkeys(m.learner for m in METHODS))
+# Other spellings people type or older results carry -> names.
+_ALIASES = {
+    **{m.key: m.name for m in METHODS},
+    **{m.name.lower(): m.name for m in METHODS},
+    **{m.label.lower(): m.name for m in METHODS},
+}
+
+
+def canonical_method(name: str) -> str:
+    """``"regular_lora"`` / ``"RegularLoRA"`` / ``"abmll.learners.RegularLoRA"`` -> ``"RegularLoRA"``;
+    an unknown name is returned as it is (a results file may carry a method we do not know)."""
+    short = str(name).rsplit(".", 1)[-1] if "learners." in str(name) else str(name)
+    if short in _BY_NAME:
+        return short
+    return _ALIASES.get(short.lower(), short)
+
+
+def method(name: str) -> Method:
+    """The registry entry for any spelling of a method; ``KeyError`` naming the choices."""
+    found = _BY_NAME.get(canonical_method(name))
+    if found is None:
+        raise KeyError(f"unknown method {name!r} (choose from {', '.join(m.key for m in METHODS)})")
+    return found
+
+
+def method_label(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
+
+
+# ------------------------------------------------------------------------------ layout
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "recipe_state.pt"
+FAILED_MARKER = "reproduce_failed.log"
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked (it holds a run, or a checkpoint that does
+    not fit the config); one line naming the key to change."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run under ``root`` (the recipe's ``output_dir``)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def results(self) -> Path:
+        return self.root / RESULTS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.checkpoints / CHECKPOINT_FILE
+
+    def adapter(self, which: str) -> Path:
+        """PEFT export directory: ``which`` is ``"best"`` or ``"final"``."""
+        return self.root / f"adapter_{which}"
+
+    @property
+    def stdout(self) -> Path:
+        return self.root / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.root / "stderr.log"
+
+    @property
+    def failed_marker(self) -> Path:
+        return self.root / FAILED_MARKER
+
+    @staticmethod
+    def of_checkpoint(checkpoint: Path) -> "RunDir":
+        """The run a ``recipe_state.pt`` found on disk belongs to."""
+        parent = Path(checkpoint).parent
+        return RunDir(parent.parent if parent.name == CHECKPOINT_DIR else parent)
+
+    def read_results(self) -> Optional[Dict[str, Any]]:
+        """The parsed results.json; None if there is none or it cannot be parsed."""
+        try:
+            data = json.loads(self.results.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def is_finished(self) -> bool:
+        """Nothing left to do: the test was measured and every optional end step (pruning,
+        export) succeeded. A run with ``errors`` is resumed, and the recipe redoes its end."""
+        data = self.read_results()
+        return data is not None and data.get("finished") is True and not data.get("errors")
+
+    def write_results(self, record: Mapping[str, Any]) -> Path:
+        return atomic_write_text(self.results, json.dumps(record, indent=2))
+
+
+# ------------------------------------------------------------------------------ results record
+_REQUIRED_KEYS = ("method", "split", "seed", "test", "val_at_best")
+
+
+def results_record(
+    *,
+    method: str,
+    learner: Optional[str],
+    split: str,
+    split_file: Optional[str],
+    task_lists_sha256: str,
+    seed: int,
+    best_epoch: Optional[int],
+    epochs: int,
+    val_at_best: Optional[Dict[str, float]],
+    test: Mapping[str, Any],
+    history: List[Dict[str, Any]],
+    config: Dict[str, Any],
+    errors: Dict[str, str],
+) -> Dict[str, Any]:
+    """The record a finished run writes to results.json (the reporting reads exactly this)."""
+    return {
+        "method": method,
+        "learner": learner,
+        "split": split,
+        # Which tasks, not only the split's name: a data.split_file can reuse a name.
+        "split_file": split_file,
+        "task_lists_sha256": task_lists_sha256,
+        "seed": seed,
+        "best_epoch": best_epoch,
+        "epochs": epochs,
+        "val_at_best": val_at_best,
+        "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
+        "pruning": {},  # filled in fraction by fraction after the test
+        "history": history,
+        "config": config,
+        # The test is measured: the run's result is final even if an optional step fails.
+        "finished": True,
+        "errors": errors,  # optional steps that failed: {"pruning" | "export": message}
+    }
+
+
+def results_problem(data: Any) -> Optional[str]:
+    """Why this parsed JSON is not a usable finished results record (None if it is)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("finished") is not True:
+        return 'results.json without "finished": true'
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            return f"missing key {key!r}"
+    test = data["test"]
+    if not isinstance(test, dict) or not isinstance(test.get("mean"), dict):
+        return "missing test.mean"
+    for metric in ("accuracy", "ece"):
+        if not isinstance(test["mean"].get(metric), (int, float)):
+            return f"missing test.mean.{metric}"
+        val = data["val_at_best"]
+        if val is not None and not isinstance(val.get(metric) if isinstance(val, dict) else None, (int, float)):
+            return f"missing val_at_best.{metric}"
+    return None
+
+
+# ------------------------------------------------------------------------------ output dir policy
+# Keys a resumed run may change without changing the trajectory it continues. Activation
+# checkpointing only trades memory for recomputation (the recomputed forward replays the same
+# RNG state; only floating-point rounding differs), and adapter names do not depend on it
+# (abmll.modules.names), so a run may resume with it on or off.
+RESUME_MUTABLE_KEYS = (
+    "epochs",
+    "stop_after_epoch",
+    "resume_from_checkpoint",
+    "overwrite",
+    "metric_logger",
+    "enable_activation_checkpointing",
+)
+
+
+def check_resume_config(now: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """Refuse to continue a checkpoint written with a different config (top-level keys)."""
+    for key in sorted(set(now) | set(saved)):
+        if key in RESUME_MUTABLE_KEYS:
+            continue
+        if now.get(key) != saved.get(key):
+            raise RunDirError(
+                f"resume_from_checkpoint: config key '{key}' differs from the checkpointed run "
+                f"({saved.get(key)!r} there, {now.get(key)!r} now); only "
+                f"{', '.join(RESUME_MUTABLE_KEYS)} may change on resume"
+            )
+
+
+def prepare_output_dir(
+    run: RunDir, config: Mapping[str, Any], *, resume: bool, overwrite: bool,
+    log: Callable[[str], None] = print,
+) -> Optional[Dict[str, Any]]:
+    """Decide what to do with ``run`` before anything is written to it; return the checkpoint
+    to resume from (None: start from scratch).
+
+    * ``resume``: continue the checkpoint if there is one (its config must equal ``config``
+      up to :data:`RESUME_MUTABLE_KEYS`), else start from scratch;
+    * a directory that holds a run is never overwritten unless ``overwrite``, which removes
+      the old checkpoint and results first (adapters are re-exported at the end of the run).
+    """
+    import torch
+
+    if resume:
+        if run.checkpoint.exists():
+            state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+            check_resume_config(config, state["config"])
+            log(f"Resuming from {run.checkpoint} (after epoch {state['epoch']})")
+            return state
+        log(f"resume_from_checkpoint=True but {run.checkpoint} does not exist: starting from scratch")
+    elif (run.checkpoint.exists() or run.results.exists()) and not overwrite:
+        held = run.results if run.results.exists() else run.checkpoint
+        raise RunDirError(
+            f"output_dir {run.root} already holds a run ({held}); set resume_from_checkpoint=True "
+            f"to continue it, overwrite=True to replace it, or choose another output_dir"
+        )
+    if overwrite:
+        for stale in (run.checkpoint, run.results):
+            stale.unlink(missing_ok=True)
+    return None
+
+
+def save_checkpoint(run: RunDir, state: Dict[str, Any]) -> None:
+    """Write the recipe state atomically: a stop mid-write leaves the previous checkpoint."""
+    import torch
+
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write(run.checkpoint, lambda tmp: torch.save(state, tmp))

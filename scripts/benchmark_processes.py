@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Epoch time with 1 vs N processes (``tune run --nproc_per_node N``), same config and meta-batch.
+
+    python scripts/benchmark_processes.py --configs tiny/abmll
+    python scripts/benchmark_processes.py --configs smollm2_135m/abmll --max-steps 3
+    python scripts/benchmark_processes.py --configs llama3_8b/abmll --nproc 1 8 --meta-batch 8 --threads 8 \\
+        --set checkpointer.checkpoint_dir=... --set device=cuda
+
+The logic is in ``abmll/benchmark/processes.py``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from abmll.benchmark.processes import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
