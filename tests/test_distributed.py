@@ -14,7 +14,7 @@ import torch
 
 from abmll.data import TaskSampler, load_split
 from abmll.distributed import Replicas, seed_of
-from abmll.learners import ABMLL, Reptile
+from abmll.learners import ABMLL, Pretrained, Reptile
 from abmll.models import gaussian_lora_tiny_llama, lora_tiny_llama, tiny_tokenizer
 from abmll.run_contract import RunDir
 
@@ -130,9 +130,13 @@ def test_meta_batch_must_divide_over_the_processes_and_be_positive():
     with pytest.raises(ValueError, match="learner.meta_batch_size must be > 0"):
         ABMLL(meta_batch_size=0)
     # Checked before any collective: the recipe reports it as one line and exits 2.
+    two = Replicas(world_size=2, rank=0)
     learner = Reptile(meta_batch_size=3)
     with pytest.raises(ValueError, match=r"learner.meta_batch_size=3 must be a multiple of the number of processes \(2\)"):
-        learner.setup(lora_tiny_llama(), torch.device("cpu"), replicas=Replicas(world_size=2, rank=0))
+        learner.setup(lora_tiny_llama(), torch.device("cpu"), replicas=two)
+    # Pretrained trains nothing: any number of processes (they split the evaluation).
+    two.broadcast_ = lambda tensors: None  # no process group in this test
+    Pretrained(test_time_adaptation=True).setup(lora_tiny_llama(), torch.device("cpu"), replicas=two)
 
 
 # ----------------------------------------------------------------------------- two processes

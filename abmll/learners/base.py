@@ -67,6 +67,8 @@ class Learner:
     """
 
     adapter_kind: Optional[str] = None
+    # Whether the learner meta-trains (has episodes); one that does not has no meta-batch.
+    meta_trains: bool = True
 
     @property
     def method_name(self) -> str:
@@ -114,7 +116,7 @@ class Learner:
         ``torch.autocast(compute_dtype)`` (:meth:`autocast`), which casts them per matmul.
         """
         self._check_model(model)
-        if self.meta_batch_size % replicas.world_size:
+        if self.meta_trains and self.meta_batch_size % replicas.world_size:
             raise ValueError(
                 f"learner.meta_batch_size={self.meta_batch_size} must be a multiple of the number of "
                 f"processes ({replicas.world_size}): each process runs meta_batch_size / "

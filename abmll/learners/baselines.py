@@ -26,6 +26,7 @@ class Pretrained(Learner):
     """
 
     adapter_kind = None
+    meta_trains = False  # any number of processes: it only evaluates (each its share of tasks)
 
     def __init__(self, inner_steps: int = 5, test_lr: float = 1e-5, test_time_adaptation: bool = False,
                  meta_batch_size: int = 1):
