@@ -14,11 +14,13 @@ os.environ["TIKTOKEN_CACHE_DIR"] = ""
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tune_run(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `tune run abmll_recipe ARGS` in a subprocess, as a user would."""
+def tune_run(*args: str, cwd=None, timeout: int = 300, nproc: int = 1, env=None) -> subprocess.CompletedProcess:
+    """Run `tune run abmll_recipe ARGS` in a subprocess, as a user would (``nproc`` > 1:
+    `tune run --nproc_per_node NPROC --standalone abmll_recipe ARGS`)."""
     tune = Path(sys.executable).with_name("tune")
-    cmd = [str(tune), "run", "abmll_recipe", *args]
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    launch = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
+    cmd = [str(tune), "run", *launch, "abmll_recipe", *args]
+    env = dict(env if env is not None else os.environ, PYTHONHASHSEED="0")
     return subprocess.run(
         cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -5,8 +5,6 @@ must continue a multi-process run exactly; a failing process must end the run, n
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from abmll.distributed import Replicas, seed_of
 from abmll.learners import ABMLL, Pretrained, Reptile
 from abmll.models import gaussian_lora_tiny_llama, lora_tiny_llama, tiny_tokenizer
 from abmll.run_contract import RunDir
+from conftest import tune_run
 
 TESTS = Path(__file__).resolve().parent
 # Each process one thread: two processes on two cores (oversubscribed threads crawl).
@@ -25,10 +24,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
 
 
 def _tune(out, *overrides, nproc=1, config="tiny/abmll", timeout=300):
-    tune = str(Path(sys.executable).with_name("tune"))
-    launch = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
-    cmd = [tune, "run", *launch, "abmll_recipe", "--config", config, f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return tune_run("--config", config, f"output_dir={out}", *overrides, nproc=nproc, timeout=timeout, env=ENV)
 
 
 def _ok(proc):

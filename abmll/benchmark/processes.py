@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from abmll.experiments.runner import tune_command
 from abmll.run_contract import RunDir
 
 __all__ = ["time_epoch", "main"]
@@ -28,9 +28,8 @@ _QUIET = ("eval.validate=false", "eval.prune_fractions=[]", "data.max_eval_examp
 def time_epoch(config: str, nproc: int, meta_batch: int, max_steps: Optional[int], threads: int,
                out: Path, extra: Sequence[str] = ()) -> Dict[str, float]:
     """One epoch of ``config`` on ``nproc`` processes; its train seconds and meta-steps."""
-    tune = str(Path(sys.executable).with_name("tune"))
     launch = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
-    cmd = [tune, "run", *launch, "abmll_recipe", "--config", config, f"output_dir={out}", "epochs=1",
+    cmd = [*tune_command(), "run", *launch, "abmll_recipe", "--config", config, f"output_dir={out}", "epochs=1",
            f"learner.meta_batch_size={meta_batch}", *_QUIET, *extra]
     if max_steps is not None:
         cmd.append(f"max_steps_per_epoch={max_steps}")
