@@ -96,11 +96,37 @@ def instantiate(node, key: str, hint: str = ""):
     except Exception as err:
         # torchtune wraps import errors in InstantiationError; the cause says what failed.
         cause = err.__cause__ or err.__context__ or err
+        unknown = _unknown_argument(key, component, cause)
+        if unknown is not None:
+            raise RecipeConfigError(unknown) from None
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise RecipeConfigError(
             f"{key}._component_: cannot build {component!r} ({type(cause).__name__}: {first})"
             + (f"; {hint}" if hint else "")
         ) from None
+
+
+def _unknown_argument(key: str, component: str, err: BaseException) -> Optional[str]:
+    """For ``TypeError: f() got an unexpected keyword argument 'x'``: one line naming the config
+    key and the component's closest argument (a typo'd key in a ``_component_`` section)."""
+    import inspect
+    import re
+
+    from abmll.config_keys import unknown_key_message
+
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    if not isinstance(err, TypeError) or found is None:
+        return None
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        params = inspect.signature(_get_component_from_path(component)).parameters
+    except Exception:  # noqa: BLE001 - fall back to torchtune's own message
+        return None
+    known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if found.group(1) in known:  # raised by something the component called, not by the key
+        return None
+    return unknown_key_message(f"{key}.{found.group(1)}", known, component)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -213,6 +213,7 @@ def results_record(
     history: List[Dict[str, Any]],
     config: Dict[str, Any],
     errors: Dict[str, str],
+    precision: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The record a finished run writes to results.json (the reporting reads exactly this)."""
     return {
@@ -230,6 +231,9 @@ def results_record(
         "pruning": {},  # filled in fraction by fraction after the test
         "history": history,
         "config": config,
+        # The compute dtype actually used (config dtype: auto resolves per machine), why, the CPU
+        # capability and threads: abmll.precision.Precision.record.
+        "precision": precision,
         # The test is measured: the run's result is final even if an optional step fails.
         "finished": True,
         "errors": errors,  # optional steps that failed: {"pruning" | "export": message}

@@ -30,6 +30,7 @@ of the run, and the points where the processes meet.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -46,11 +47,13 @@ from tqdm import tqdm
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
 
+from abmll.config_keys import check_config_keys
 from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
 from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
 from abmll.modules import gaussian_mode
+from abmll.precision import resolve_precision
 from abmll.modules.names import clean_name
 from abmll.distributed import Replicas, seed_of
 from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, save_checkpoint
@@ -71,7 +74,13 @@ class ABMLLRecipe:
         self.replicas = Replicas.from_environment(self._device)
         if not self.replicas.is_main:  # one process reports (a filter: get_logger resets levels)
             log.addFilter(lambda record: record.levelno >= logging.WARNING)
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        # dtype: auto -> bf16 only where the hardware computes it natively (abmll.precision).
+        # Process 0 decides, so that a timing probe cannot make the processes disagree.
+        self.precision = self.replicas.all_gather(
+            _resolve_or_error(cfg.get("dtype", "fp32"), self._device) if self.replicas.is_main else None
+        )[0]
+        if isinstance(self.precision, str):  # every process stops with process 0's message
+            raise RecipeConfigError(self.precision)
         self.seed = training.set_seed(seed=cfg.get("seed", 0))
         if self.replicas.world_size > 1:
             # torchtune seeds process r with seed + r; the model's random parts (a random base
@@ -126,6 +135,7 @@ class ABMLLRecipe:
                     log=log.info,
                 )
             self.replicas.barrier()
+        self._dtype = self._choose_dtype()
         data = cfg.data
         self.batch_size = int(data.get("batch_size", 2))
         if self.batch_size < 1:
@@ -186,6 +196,23 @@ class ABMLLRecipe:
         self.best: Dict[str, Any] = {"epoch": None, "val": None, "adapters": None}
         if self._resume_state is not None:
             self._load_state(self._resume_state)
+
+    def _choose_dtype(self) -> torch.dtype:
+        """The resolved compute dtype, logged; a resumed ``dtype: auto`` run keeps its checkpoint's
+        (a run moved to another kind of CPU continues the same computation, only slower)."""
+        saved = (self._resume_state or {}).get("precision")
+        if saved and self.precision.requested == "auto" and saved["dtype"] != self.precision.name:
+            self.precision = dataclasses.replace(
+                self.precision,
+                dtype=training.get_dtype(saved["dtype"], device=self._device),
+                reason=f"the resumed run's dtype (this machine alone would choose {self.precision.name}: "
+                f"{self.precision.reason})",
+            )
+        log.info(f"{self.precision.describe()}; CPU capability {self.precision.cpu_capability}, "
+                 f"{self.precision.threads} threads")
+        if self.precision.slow_bf16:
+            log.warning(self.precision.slow_bf16_warning())
+        return self.precision.dtype
 
     def _instantiate_learner(self, learner_cfg: DictConfig):
         return instantiate(learner_cfg, "learner", f"known learners: {', '.join(KNOWN_LEARNERS)}")
@@ -262,6 +289,7 @@ class ABMLLRecipe:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "precision": self.precision.record(),
         }
         if self.replicas.is_main:  # the state is the same on every process
             save_checkpoint(self.run, state)
@@ -423,6 +451,7 @@ class ABMLLRecipe:
             test=test,
             history=self.history,
             config=OmegaConf.to_container(self.cfg, resolve=True),
+            precision=self.precision.record(),
             errors=self.errors,
         )
 
@@ -470,6 +499,14 @@ class ABMLLRecipe:
         self.replicas.shutdown()
 
 
+def _resolve_or_error(requested: Any, device: torch.device):
+    """The resolved precision, or the error message (so other processes can stop with it)."""
+    try:
+        return resolve_precision(requested, device)
+    except ValueError as err:
+        return str(err)
+
+
 def _is_finished(cfg: DictConfig) -> bool:
     """A resumed run whose results.json exists has nothing left to do, unless an optional step
     (pruning, export) failed: then resuming redoes the end of the run from the last checkpoint."""
@@ -486,6 +523,7 @@ def recipe_main(cfg: DictConfig) -> None:
         log.info(f"{RunDir(cfg.output_dir).results} exists: this run has finished, nothing to do")
         return
     try:
+        check_config_keys(cfg)
         recipe = ABMLLRecipe(cfg=cfg)
         recipe.setup(cfg=cfg)
     except (RecipeConfigError, ValueError, FileNotFoundError) as err:

@@ -405,3 +405,28 @@ def test_runs_on_other_tasks_under_the_same_split_name_are_not_pooled(tmp_path):
     assert [r.seed for r in results.runs] == [0, 1]
     [problem] = [p for p in results.problems if p.kind == "task-mismatch"]
     assert "seed2" in str(problem.path) and "/my/split.yaml" in problem.message
+
+
+def test_seeds_run_in_different_dtypes_are_not_pooled_unseen(tmp_path, capsys):
+    """dtype: auto resolves per machine: the resolved dtype is shown, and seeds of one cell in
+    different dtypes are reported as a config mismatch (the config's own value is the same)."""
+    from abmll.reporting.aggregate import aggregate
+
+    root = tmp_path / "results"
+    for seed, (dtype, cap) in enumerate([("fp32", "AVX2"), ("bf16", "AVX512")]):
+        out = fake_run(root, "nli", "Reptile", seed, 0.8, 0.1, extra_cfg={"dtype": "auto"})
+        data = json.loads((out / "results.json").read_text())
+        data["precision"] = {"dtype": dtype, "requested": "auto", "cpu_capability": cap}
+        (out / "results.json").write_text(json.dumps(data))
+    fake_run(root, "nli", "Pretrained", 0, 0.5, 0.3, extra_cfg={"dtype": "fp32"})  # before precision was recorded
+    results = load_results(root)
+    mismatch = [p for p in results.problems if p.kind == "config-mismatch"]
+    assert len(mismatch) == 1 and "dtype: 'fp32' vs 'bf16'" in mismatch[0].message
+    by_seed = {r.seed: r for r in results.select(method="Reptile")}
+    assert (by_seed[0].dtype, by_seed[0].cpu_capability) == ("fp32", "AVX2")
+    assert results.select(method="Pretrained")[0].dtype == "fp32"
+    aggregate([root], tmp_path / "tables", latex=False)
+    tables = (tmp_path / "tables" / "tables.md").read_text()
+    assert "bf16 on AVX512: 1 run(s)" in tables and "fp32 on AVX2: 1 run(s)" in tables
+    runs_csv = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
+    assert runs_csv[0].split(",")[4:6] == ["dtype", "cpu_capability"]

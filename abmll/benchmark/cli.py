@@ -81,7 +81,8 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
                    help="configs {pair}/abmll and {pair}/regular_lora (default tiny)")
     p.add_argument("--abmll-config", default=None, help="override the ABMLL config (name or path)")
     p.add_argument("--lora-config", default=None, help="override the Regular LoRA config (name or path)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: the configs'")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None,
+                   help="default: the configs' (auto: bf16 only where the hardware computes it natively)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: the configs')")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: data.max_seq_len)")
     p.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size")

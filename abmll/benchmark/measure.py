@@ -34,7 +34,7 @@ def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, se
 
     from abmll.learners.base import Episode
 
-    cfg, model, learner, dev, dtype = build(config, overrides, load_weights=load_weights, device=device,
+    cfg, model, learner, dev, precision = build(config, overrides, load_weights=load_weights, device=device,
                                             sampling=sampling)
     gc.collect()
 
@@ -52,7 +52,9 @@ def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, se
         "method": type(learner).__name__,
         "model": cfg.model._component_,
         "device": str(dev),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": precision.name,
+        "cpu_capability": precision.cpu_capability,
+        "threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "episodes": episodes,
@@ -164,7 +166,9 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
         saved[label] = meter.peak
     return {
         "device": str(dev),
-        "dtype": str(first[4]).replace("torch.", ""),
+        "dtype": first[4].name,
+        "cpu_capability": first[4].cpu_capability,
+        "dtype_reason": first[4].reason,
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "seq_len": seq_len,

@@ -46,7 +46,8 @@ def report(lora: Dict[str, Any], abmll: Dict[str, Any]) -> str:
     ]
     lines = [
         f"Peak training memory: {abmll['model']} (ABMLL) vs {lora['model']} (Regular LoRA)",
-        f"device {lora['device']}, {lora['dtype']}, batch {lora['batch_size']} x {lora['seq_len']} tokens, "
+        f"device {lora['device']} (CPU capability {lora.get('cpu_capability', '?')}), {lora['dtype']}, "
+        f"{lora.get('threads', '?')} threads, batch {lora['batch_size']} x {lora['seq_len']} tokens, "
         f"{lora['episodes']} episodes of {lora['inner_steps']} steps, random weights and tokens, "
         f"activation checkpointing {'on' if lora.get('activation_checkpointing') else 'off'}",
         "",
@@ -99,7 +100,8 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
     cuda = timing["device"].startswith("cuda")
     lines = [
         f"ABMLL vs Regular LoRA, config pair {pair}: {timing['models'][ab]} vs {timing['models'][lo]}",
-        f"device {timing['device']}, {timing['dtype']}, {timing['threads']} threads, batch "
+        f"device {timing['device']} (CPU capability {timing.get('cpu_capability', '?')}), {timing['dtype']}"
+        f"{' (' + timing['dtype_reason'] + ')' if timing.get('dtype_reason') else ''}, {timing['threads']} threads, batch "
         f"{timing['batch_size']} x {timing['seq_len']} tokens, episodes of {timing['inner_steps']} steps "
         f"(+ {nq} query batch{'es' if nq != 1 else ''} and the outer step for ABMLL), "
         f"ABMLL sampling {timing['sampling'][ab]}, {weights}, random tokens, activation checkpointing "

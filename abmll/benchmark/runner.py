@@ -33,7 +33,8 @@ def _random_batch(batch_size: int, seq_len: int, vocab: int, device, generator):
 def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = False,
           device: Optional[str] = None, sampling: Optional[str] = None):
     """The config's model (random weights unless ``load_weights``) and set-up learner, in
-    training mode, as the recipe builds them. Returns ``(cfg, model, learner, device, dtype)``."""
+    training mode, as the recipe builds them. Returns ``(cfg, model, learner, device, precision)``
+    (:class:`abmll.precision.Precision`: the resolved dtype, the CPU capability)."""
     import torch
     from torchtune import config as tt_config, training, utils
 
@@ -45,7 +46,14 @@ def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = Fa
             f"run on a GPU, or pass --device cpu (an 8B model on a CPU needs > 32 GB and hours)"
         )
     dev = utils.get_device(device=want)
-    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=dev)
+    from abmll.config_keys import check_config_keys
+    from abmll.precision import resolve_precision
+
+    check_config_keys(cfg, where="the benchmark")
+    precision = resolve_precision(cfg.get("dtype", "fp32"), dev)  # dtype: auto, as the recipe
+    if precision.slow_bf16:
+        print(f"benchmark: warning: {precision.slow_bf16_warning()}", flush=True)
+    dtype = precision.dtype
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), dev:
         model = tt_config.instantiate(cfg.model)
@@ -65,7 +73,7 @@ def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = Fa
     learner = tt_config.instantiate(cfg.learner)
     learner.setup(model, dev, compute_dtype=dtype)  # as the recipe: bf16 compute, float32 adapters
     model.train()
-    return cfg, model, learner, dev, dtype
+    return cfg, model, learner, dev, precision
 
 
 def _num_query(learner) -> int:

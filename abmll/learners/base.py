@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torchtune.modules import RMSNorm
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
 from abmll.distributed import LOCAL, Replicas, seed_of, seeded
@@ -134,6 +135,12 @@ class Learner:
         if compute_dtype != torch.float32:
             for p in self.adapter_params.values():
                 p.data = p.data.float()
+            # torchtune's RMSNorm computes in float32 (x.float()) but passes its scale as stored;
+            # a bf16 scale misses the fused kernel (and torch warns "Mismatch dtype between input
+            # and weight"). A float32 copy of the same values gives the same output, fused.
+            for m in model.modules():
+                if isinstance(m, RMSNorm):
+                    m.scale.data = m.scale.data.float()
         # torchtune seeds each process with seed + rank, so the adapters' random initial
         # values differ between processes: take process 0's.
         replicas.broadcast_([p.data for p in self.adapter_params.values()])

@@ -13,7 +13,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .figure2 import figure2_csv, figure2_curves, save_figure2_png
 from .results import ResultSet, canonical_method, load_results
@@ -22,7 +22,7 @@ from abmll.atomic import atomic_write_text
 from .compare import comparison_csv, comparison_markdown, method_runs, per_task_tables, save_acc_vs_ece_png
 from .tables import DEFAULT_ALPHA, Table, table1, table2, table3
 
-__all__ = ["write_table", "write_figure2", "write_runs_csv", "problems_markdown", "aggregate", "main"]
+__all__ = ["write_table", "write_figure2", "write_runs_csv", "compute_summary", "problems_markdown", "aggregate", "main"]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -67,7 +67,7 @@ def write_figure2(
 
 
 RUN_FIELDS = [
-    "split", "method", "beta", "seed", "best_epoch", "epochs",
+    "split", "method", "beta", "seed", "dtype", "cpu_capability", "best_epoch", "epochs",
     "test_accuracy", "test_ece", "test_nll", "test_brier",
     "val_accuracy", "val_ece", "pruned_fractions", "path",
 ]
@@ -84,6 +84,8 @@ def write_runs_csv(results: ResultSet, path: Path) -> Path:
             "method": r.method,
             "beta": "" if r.beta is None else repr(r.beta),
             "seed": r.seed,
+            "dtype": r.dtype,
+            "cpu_capability": r.cpu_capability,
             "best_epoch": r.data.get("best_epoch", ""),
             "epochs": r.data.get("epochs", ""),
             "test_accuracy": t.get("accuracy", ""),
@@ -96,6 +98,20 @@ def write_runs_csv(results: ResultSet, path: Path) -> Path:
             "path": str(r.path),
         })
     return _write(path, buf.getvalue())
+
+
+def compute_summary(results: ResultSet) -> str:
+    """Which compute dtype (and CPU capability) the runs used, so mixed dtypes are never pooled
+    unseen (seeds of one cell in different dtypes are also reported as a config mismatch)."""
+    counts: Dict[str, int] = {}
+    for r in results.runs:
+        kind = r.dtype + (f" on {r.cpu_capability}" if r.cpu_capability else "")
+        counts[kind] = counts.get(kind, 0) + 1
+    if not counts:
+        return "Compute dtype: no runs."
+    return "Compute dtype of the runs (CPU capability where recorded): " + "; ".join(
+        f"{kind}: {n} run(s)" for kind, n in sorted(counts.items())
+    ) + "."
 
 
 def problems_markdown(results: ResultSet) -> str:
@@ -125,12 +141,15 @@ def aggregate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"aggregate: {len(results.runs)} finished run(s) from {', '.join(map(str, paths))}")
+    log(f"aggregate: {compute_summary(results)}")
     for p in results.problems:
         log(f"aggregate: skipped {p}")
     sections = [
         "# Tables",
         "",
         f"Aggregated from: {', '.join(f'`{p}`' for p in paths)}; {len(results.runs)} finished run(s).",
+        "",
+        compute_summary(results),
         "",
     ]
     written: List[Path] = []

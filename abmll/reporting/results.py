@@ -132,6 +132,18 @@ class RunResult:
     def history(self) -> List[Dict[str, Any]]:
         return self.data.get("history") or []
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the run used: ``precision.dtype`` (``dtype: auto`` resolved on its
+        machine); for results written before that was recorded, the config's ``dtype``."""
+        recorded = (self.data.get("precision") or {}).get("dtype")
+        return str(recorded or (self.data.get("config") or {}).get("dtype", "fp32"))
+
+    @property
+    def cpu_capability(self) -> str:
+        """torch's CPU capability on the run's machine (``AVX2``, ``AVX512``); "" if not recorded."""
+        return str((self.data.get("precision") or {}).get("cpu_capability") or "")
+
 
 @dataclass
 class Problem:
@@ -245,11 +257,15 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 def _config_signature(run: RunResult) -> Dict[str, Any]:
     flat = _flatten(run.data.get("config") or {})
-    return {
+    sig = {
         k: v
         for k, v in flat.items()
         if not any(k == ig or k.startswith(ig + ".") for ig in _IGNORED_CONFIG_KEYS)
     }
+    # dtype: auto is one config value but may be bf16 on one machine and fp32 on another:
+    # seeds are compared on the dtype they ran in.
+    sig["dtype"] = run.dtype
+    return sig
 
 
 def _discover(root: Path) -> Tuple[List[Path], List[Problem]]:
