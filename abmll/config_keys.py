@@ -30,7 +30,10 @@ RECIPE_KEYS: Dict[str, FrozenSet[str]] = {
         "data_dir", "split_file", "k", "seed", "batch_size", "eval_batch_size", "max_seq_len",
         "chat_template", "max_eval_examples_per_task",
     }),
-    "eval": frozenset({"every_n_epochs", "validate", "num_samples", "mode", "ece_bins", "prune_fractions"}),
+    "eval": frozenset({
+        "every_n_epochs", "validate", "num_samples", "mode", "ece_bins", "prune_fractions",
+        "flip_rate", "temperature_scaling", "save_predictions",
+    }),
 }
 
 

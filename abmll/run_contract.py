@@ -158,6 +158,10 @@ class RunDir:
         """PEFT export directory: ``which`` is ``"best"`` or ``"final"``."""
         return self.root / f"adapter_{which}"
 
+    def predictions(self, which: str) -> Path:
+        """Per-example predictions (Parquet): ``which`` is ``"test"`` or ``"val_epoch{N}"``."""
+        return self.root / f"predictions_{which}.parquet"
+
     @property
     def stdout(self) -> Path:
         return self.root / "stdout.log"
@@ -211,6 +215,8 @@ def results_record(
     val_at_best: Optional[Dict[str, float]],
     test: Mapping[str, Any],
     history: List[Dict[str, Any]],
+    posterior: Optional[Dict[str, Any]] = None,
+    predictions: Optional[str] = None,
     config: Dict[str, Any],
     errors: Dict[str, str],
     precision: Optional[Dict[str, Any]] = None,
@@ -227,7 +233,18 @@ def results_record(
         "best_epoch": best_epoch,
         "epochs": epochs,
         "val_at_best": val_at_best,
-        "test": {"mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"]},
+        "test": {
+            "mean": test["mean"], "pooled": test["pooled"], "per_task": test["per_task"],
+            # the headline's sample count, and with a list of counts the curve over them
+            "num_samples": test.get("num_samples", 1),
+            "samples_curve": test.get("samples_curve"),
+        },
+        # The temperature-scaling control: one temperature per task fitted by NLL on its support
+        # examples after adaptation (None when eval.temperature_scaling is off).
+        "test_ts": test.get("ts"),
+        # The learned variances against c, and the flip rate (Gaussian models; else None).
+        "posterior": posterior,
+        "predictions": predictions,  # the per-example predictions file beside this one
         "pruning": {},  # filled in fraction by fraction after the test
         "history": history,
         "config": config,

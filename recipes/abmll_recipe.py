@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 from torchtune import config, modules, training, utils
@@ -51,7 +51,13 @@ from abmll.config_keys import check_config_keys
 from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
 from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
 from abmll.export import save_peft_adapter
-from abmll.evaluation import evaluate_unseen_tasks, num_pruned, prune_hidden_units
+from abmll.evaluation import (
+    evaluate_unseen_tasks,
+    num_pruned,
+    posterior_summary,
+    prune_hidden_units,
+    write_predictions,
+)
 from abmll.modules import gaussian_mode
 from abmll.precision import resolve_precision
 from abmll.modules.names import clean_name
@@ -97,13 +103,19 @@ class ABMLLRecipe:
         self.eval_every = int(ev.get("every_n_epochs", 1))
         # validate: false skips validation; the test then uses the last epoch's adapters.
         self.validate = bool(ev.get("validate", True))
-        self.num_samples = int(ev.get("num_samples", 1))
+        # An int, or a list (a curve over sample counts from prefixes of the same draws; the
+        # headline metrics use the largest).
+        self.num_samples = _num_samples(ev.get("num_samples", 1))
         self.eval_mode = str(ev.get("mode", "sample"))
         self.ece_bins = int(ev.get("ece_bins", 15))
+        # Test-time uncertainty controls (README, "Uncertainty"): the flip rate between one
+        # sample and the mean mode (Gaussian models in sample mode), and a temperature per task
+        # fitted on its support examples. Validation writes its predictions only when asked.
+        self.flip_rate = bool(ev.get("flip_rate", True))
+        self.temperature_scaling = bool(ev.get("temperature_scaling", True))
+        self.save_val_predictions = bool(ev.get("save_predictions", False))
         if self.eval_every < 1:
             raise RecipeConfigError(f"eval.every_n_epochs must be >= 1, got {self.eval_every}")
-        if self.num_samples < 1:
-            raise RecipeConfigError(f"eval.num_samples must be >= 1, got {self.num_samples}")
         if self.eval_mode not in ("sample", "mean"):
             raise RecipeConfigError(f"eval.mode must be 'sample' or 'mean', got {self.eval_mode!r}")
         if self.ece_bins < 1:
@@ -295,7 +307,12 @@ class ABMLLRecipe:
             save_checkpoint(self.run, state)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, sampler: TaskSampler, desc: str) -> Dict[str, Any]:
+    def evaluate(self, sampler: TaskSampler, desc: str, *, test: bool = False, predictions: bool = False) -> Dict[str, Any]:
+        """Test-time adaptation and prediction on every task of ``sampler``. ``test``: also the
+        uncertainty controls (flip rate, temperature scaling); ``predictions``: keep one row
+        per example."""
+        sampled = self.eval_mode == "sample"
+        gaussian = self.learner.adapter_kind == "gaussian"
         with gaussian_mode(self.model, self.eval_mode):
             return evaluate_unseen_tasks(
                 self.learner,
@@ -303,12 +320,20 @@ class ABMLLRecipe:
                 self.option_ids,
                 num_support=self.num_support,
                 max_eval_examples=self.max_eval,
-                num_samples=self.num_samples if self.eval_mode == "sample" else 1,
+                num_samples=self.num_samples if sampled else 1,
                 n_bins=self.ece_bins,
                 desc=desc,
                 replicas=self.replicas,
                 seed=self.seed if self.per_task_rng else None,
+                flip_rate=test and self.flip_rate and sampled and gaussian,
+                temperature_scaling=test and self.temperature_scaling,
+                keep_predictions=predictions,
             )
+
+    def _write_predictions(self, result: Dict[str, Any], which: str) -> None:
+        if self.replicas.is_main and "predictions" in result:
+            path = write_predictions(result["predictions"], self.run.predictions(which))
+            log.info(f"wrote {len(result['predictions'])} predictions to {path}")
 
     def _log_metrics(self, metrics: Dict[str, float]) -> None:
         if self._metric_logger is not None:
@@ -327,7 +352,8 @@ class ABMLLRecipe:
         if not self.validate:
             self.best = {"epoch": epoch, "val": None, "adapters": self._adapter_state()}
             return None
-        val = self.evaluate(self.val_sampler, f"val epoch {epoch}")
+        val = self.evaluate(self.val_sampler, f"val epoch {epoch}", predictions=self.save_val_predictions)
+        self._write_predictions(val, f"val_epoch{epoch}")
         self._log_eval("val", val, epoch)
         if self.best["epoch"] is None or val["mean"]["accuracy"] > self.best["val"]["accuracy"]:
             self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
@@ -423,8 +449,9 @@ class ABMLLRecipe:
         self.errors: Dict[str, str] = {}
         final_adapters = self._adapter_state()
         self._load_adapters(self.best["adapters"])
-        test = self.evaluate(self.test_sampler, "test")
+        test = self.evaluate(self.test_sampler, "test", test=True, predictions=True)
         self._log_eval("test", test, self.best["epoch"])
+        self._write_predictions(test, "test")
         self._results = self._results_dict(test)
         self._write_results()
         log.info(
@@ -449,11 +476,21 @@ class ABMLLRecipe:
             epochs=self.epochs,
             val_at_best=self.best["val"],
             test=test,
+            posterior=self._posterior(test),
+            predictions=self.run.predictions("test").name,
             history=self.history,
             config=OmegaConf.to_container(self.cfg, resolve=True),
             precision=self.precision.record(),
             errors=self.errors,
         )
+
+    def _posterior(self, test: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """What the learned variances are (the loaded best adapters), and how often a sample's
+        answer differs from the mean mode's on the test examples (None: no Gaussian layers)."""
+        summary = posterior_summary(self.model)
+        if summary is not None:
+            summary["flip"] = test.get("flip")  # None when not measured (mean mode, or turned off)
+        return summary
 
     def _write_results(self) -> None:
         if self.replicas.is_main:
@@ -497,6 +534,18 @@ class ABMLLRecipe:
         del self.model, self.learner
         gc.collect()
         self.replicas.shutdown()
+
+
+def _num_samples(value: Any) -> Any:
+    """eval.num_samples: a positive int, or a non-empty list of them (kept as a sorted list)."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    try:
+        counts = sorted({int(v) for v in values})
+    except (TypeError, ValueError):
+        counts = []
+    if not counts or counts[0] < 1:
+        raise RecipeConfigError(f"eval.num_samples must be a positive integer or a list of them, got {value!r}")
+    return counts[0] if not isinstance(value, (list, tuple, ListConfig)) else counts
 
 
 def _resolve_or_error(requested: Any, device: torch.device):

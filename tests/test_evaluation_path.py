@@ -201,8 +201,8 @@ def _run_recipe_in_process(tmp_path, val_accuracies, name):
     scripted = iter(val_accuracies)
     real_evaluate = recipe.evaluate
 
-    def evaluate(sampler, desc):
-        result = real_evaluate(sampler, desc)
+    def evaluate(sampler, desc, **kw):
+        result = real_evaluate(sampler, desc, **kw)
         if desc.startswith("val"):
             result["mean"]["accuracy"] = next(scripted)
         return result

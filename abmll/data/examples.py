@@ -12,13 +12,16 @@ class MCExample:
     """One multiple-choice example (MetaICL fields).
 
     ``options`` holds 2-4 answer strings (lists are converted to tuples);
-    ``output`` must be one of them. ``label`` is the index of ``output``.
+    ``output`` must be one of them. ``label`` is the index of ``output``. ``line``: the
+    1-based line of the task file it was read from (None for built-in tasks); it is not part
+    of the example's identity (two equal examples from different lines compare equal).
     """
 
     task: str
     input: str
     options: tuple[str, ...]
     output: str
+    line: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, tuple):

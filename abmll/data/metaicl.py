@@ -114,7 +114,7 @@ def _parse(path: Path, task: str) -> tuple[list[MCExample], Counter, Counter]:
             if len(set(opts)) != len(opts):
                 dropped["duplicate options"] += 1
                 continue
-            examples.append(MCExample(task=task, input=inp, options=tuple(opts), output=out))
+            examples.append(MCExample(task=task, input=inp, options=tuple(opts), output=out, line=lineno))
             n_opts[len(opts)] += 1
     if n_lines == 0:
         raise ValueError(f"{path}: empty task file (no examples)")

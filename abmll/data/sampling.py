@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from .examples import MCExample
 from .prompt import collate_mc, tokenize_example
 
@@ -82,10 +84,14 @@ class TaskSampler:
 
     def _batches(self, pairs: list[tuple[str, int]], batch_size: int | None = None) -> list[dict]:
         bs = batch_size or self.batch_size
-        return [
-            collate_mc([self.tokenized(t, i) for t, i in pairs[s : s + bs]], self.pad_id)
-            for s in range(0, len(pairs), bs)
-        ]
+        batches = []
+        for s in range(0, len(pairs), bs):
+            chunk = pairs[s : s + bs]
+            batch = collate_mc([self.tokenized(t, i) for t, i in chunk], self.pad_id)
+            # Which examples these are (index among the task's examples): for the predictions file.
+            batch["example"] = torch.tensor([i for _, i in chunk], dtype=torch.long)
+            batches.append(batch)
+        return batches
 
     # -- public ------------------------------------------------------------------------------
     def episode(self, task: str, epoch: int, num_support: int, num_query: int = 1) -> tuple[list[dict], list[dict]]:

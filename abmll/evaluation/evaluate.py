@@ -1,8 +1,20 @@
-"""Few-shot evaluation on unseen tasks: test-time adaptation, then option probabilities."""
+"""Few-shot evaluation on unseen tasks: test-time adaptation, then option probabilities, their
+uncertainty, and the controls that say what that uncertainty is worth.
+
+Per task, inside one adapted copy of the adapters and one seeded RNG stream:
+
+1. every evaluation batch gets ``max(num_samples)`` sampled forwards (the per-sample option
+   probabilities are kept, so a list of sample counts costs the largest, not their sum);
+2. with ``flip_rate``, one more forward of the same batch in mean mode (it draws no noise, so
+   the sampled predictions are exactly those of a run without it);
+3. with ``temperature_scaling``, after all evaluation batches and on a forked RNG (again
+   leaving every sampled prediction untouched), the support examples' predictive, on which one
+   temperature is fitted by NLL.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -10,13 +22,38 @@ from tqdm import tqdm
 
 from abmll.distributed import LOCAL, Replicas, seed_of, seeded
 from abmll.evaluation.metrics import classification_metrics, option_probs
+from abmll.evaluation.uncertainty import apply_temperature, decompose, fit_temperature
+from abmll.modules import gaussian_mode
 from abmll.objectives import final_hidden_states, logits_at
 
 Batch = Dict[str, torch.Tensor]
-METRICS = ("accuracy", "ece", "nll", "brier")
+#: Metrics averaged over tasks (``mean``); every one is also computed on the pooled examples.
+METRICS = ("accuracy", "ece", "nll", "brier", "aurc", "acc_at_50", "acc_at_80", "acc_at_90", "mi")
+#: The metrics of the curve over sample counts (``samples_curve``).
+CURVE_METRICS = ("accuracy", "ece", "nll", "brier", "mi")
 
 
 @torch.no_grad()
+def sample_option_probs(
+    model: nn.Module,
+    batch: Batch,
+    option_ids: torch.Tensor,
+    num_samples: int = 1,
+    device: torch.device = torch.device("cpu"),
+) -> torch.Tensor:
+    """Option probabilities of ``num_samples`` forward passes, [S, B, C], float32 on the CPU.
+
+    With a Gaussian LoRA model in ``"sample"`` mode each pass draws a weight sample."""
+    tokens = batch["tokens"].to(device)
+    rows = torch.arange(tokens.size(0), device=device)
+    before_answer = batch["answer_pos"].to(device) - 1
+    out = []
+    for _ in range(num_samples):
+        answer_logits = logits_at(model, final_hidden_states(model, tokens), rows, before_answer)
+        out.append(option_probs(answer_logits, option_ids, batch["num_options"]).cpu())
+    return torch.stack(out)
+
+
 def predict_option_probs(
     model: nn.Module,
     batch: Batch,
@@ -24,33 +61,54 @@ def predict_option_probs(
     num_samples: int = 1,
     device: torch.device = torch.device("cpu"),
 ) -> torch.Tensor:
-    """Class probabilities [B, C] averaged over ``num_samples`` forward passes.
-
-    With a Gaussian LoRA model in ``"sample"`` mode each pass draws a weight sample; the
-    predictive distribution is the mean of the per-sample option softmaxes.
-    """
-    tokens = batch["tokens"].to(device)
-    rows = torch.arange(tokens.size(0), device=device)
-    before_answer = batch["answer_pos"].to(device) - 1
-    total = None
-    for _ in range(num_samples):
-        answer_logits = logits_at(model, final_hidden_states(model, tokens), rows, before_answer)
-        probs = option_probs(answer_logits, option_ids, batch["num_options"])
-        total = probs if total is None else total + probs
-    return (total / num_samples).cpu()
+    """The predictive [B, C]: the mean of ``num_samples`` per-sample option softmaxes."""
+    return prefix_means(sample_option_probs(model, batch, option_ids, num_samples, device))[-1]
 
 
-def evaluate_batches(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    option_ids: torch.Tensor,
-    num_samples: int = 1,
-    n_bins: int = 15,
-    device: torch.device = torch.device("cpu"),
-) -> Dict[str, float]:
-    probs = torch.cat([predict_option_probs(model, b, option_ids, num_samples, device) for b in batches])
-    labels = torch.cat([b["label"] for b in batches])
-    return classification_metrics(probs, labels, n_bins)
+def prefix_means(samples: torch.Tensor) -> torch.Tensor:
+    """[S, ...] -> the mean of the first s samples for s = 1..S (a running sum, in draw order)."""
+    counts = torch.arange(1, samples.size(0) + 1, dtype=samples.dtype).view(-1, *([1] * (samples.dim() - 1)))
+    return samples.cumsum(0) / counts
+
+
+def _sample_counts(num_samples: Union[int, Sequence[int]]) -> List[int]:
+    counts = [int(num_samples)] if isinstance(num_samples, int) else sorted({int(s) for s in num_samples})
+    if not counts or counts[0] < 1:
+        raise ValueError(f"eval.num_samples must be a positive integer or a list of them, got {num_samples!r}")
+    return counts
+
+
+def _metrics(probs: torch.Tensor, labels: torch.Tensor, mi: torch.Tensor, n_bins: int) -> Dict[str, float]:
+    out = classification_metrics(probs, labels, n_bins)
+    out["mi"] = mi.double().mean().item()
+    return out
+
+
+def _mean_over_tasks(per_task: Dict[str, Dict[str, float]], metrics: Sequence[str]) -> Dict[str, float]:
+    return {m: sum(r[m] for r in per_task.values()) / len(per_task) for m in metrics}
+
+
+def _task_rows(task: str, sampler, eval_batches: List[Batch], dec: Dict[str, torch.Tensor]) -> List[Dict[str, Any]]:
+    examples = torch.cat([b["example"] for b in eval_batches]).tolist()
+    labels = torch.cat([b["label"] for b in eval_batches]).tolist()
+    n_opts = torch.cat([b["num_options"] for b in eval_batches]).tolist()
+    rows = []
+    for j, (idx, label, k) in enumerate(zip(examples, labels, n_opts)):
+        line = sampler.tasks[task][idx].line
+        rows.append({
+            "task": task,
+            "example": int(idx),
+            "line": -1 if line is None else int(line),
+            "label": int(label),
+            "num_options": int(k),
+            "probs": dec["probs"][j, :k].tolist(),
+            "pred": int(dec["probs"][j].argmax()),
+            "max_prob": dec["max_prob"][j].item(),
+            "entropy": dec["entropy"][j].item(),
+            "expected_entropy": dec["expected_entropy"][j].item(),
+            "mutual_info": dec["mutual_info"][j].item(),
+        })
+    return rows
 
 
 def evaluate_unseen_tasks(
@@ -60,40 +118,129 @@ def evaluate_unseen_tasks(
     *,
     num_support: int,
     max_eval_examples: Optional[int],
-    num_samples: int = 1,
+    num_samples: Union[int, Sequence[int]] = 1,
     n_bins: int = 15,
     desc: str = "eval",
     tasks: Optional[List[str]] = None,
     replicas: Replicas = LOCAL,
     seed: Optional[int] = None,
+    flip_rate: bool = False,
+    temperature_scaling: bool = False,
+    keep_predictions: bool = False,
 ) -> Dict[str, object]:
     """Per unseen task: adapt a copy of the adapters on ``num_support`` support batches,
-    evaluate the rest of the task (capped), restore. Returns per-task metrics and their
-    unweighted mean over tasks (``mean``) plus metrics of all examples pooled (``pooled``).
+    evaluate the rest of the task (capped), restore.
+
+    Returns ``per_task`` metrics, their unweighted mean over tasks (``mean``) and the metrics of
+    all examples pooled (``pooled``), computed from the predictive of ``max(num_samples)``
+    samples; ``num_samples`` (that count); and, when asked: ``samples_curve`` (a list of counts:
+    {S: mean over tasks} for each prefix of the same draws), ``flip`` (share of examples whose
+    argmax differs between the first sample and the mean mode, mean max |Δp|), ``ts`` (the
+    temperature-scaled predictive's metrics and each task's temperature) and ``predictions``
+    (one row per example, :mod:`abmll.evaluation.predictions`).
 
     With several processes (``replicas``) each evaluates its share of the tasks and every
     process returns the results of all, in task order. ``seed``: each task runs under its own
     RNG seeded from (seed, desc, task), so its noise does not depend on which process runs it
     or what ran before (None: the running RNG).
     """
+    counts = _sample_counts(num_samples)
+    s_max = counts[-1]
     tasks = list(tasks or sampler.task_names)
-    mine: Dict[str, tuple] = {}
+    mine: Dict[str, Dict[str, Any]] = {}
     for task in tqdm(replicas.shard(tasks), desc=desc, leave=False, disable=not replicas.is_main):
         support, eval_batches = sampler.adaptation_split(task, num_support, max_eval_examples)
         task_seed = None if seed is None else seed_of(seed, desc, task)
+        samples, mean_mode, support_probs = [], [], None
         with seeded(task_seed, learner.device), learner.adapted(support), learner.autocast():
-            probs = torch.cat(
-                [
-                    predict_option_probs(learner.model, b, option_ids, num_samples, learner.device)
-                    for b in eval_batches
-                ]
-            )
+            for b in eval_batches:
+                samples.append(sample_option_probs(learner.model, b, option_ids, s_max, learner.device))
+                if flip_rate:
+                    with gaussian_mode(learner.model, "mean"):
+                        mean_mode.append(sample_option_probs(learner.model, b, option_ids, 1, learner.device)[0])
+            if temperature_scaling and support:
+                # On a forked RNG: the support's weight samples must not shift the noise that
+                # later tasks draw from the running stream (one process, one task at a time).
+                with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
+                    support_probs = torch.cat(
+                        [prefix_means(sample_option_probs(learner.model, b, option_ids, s_max, learner.device))[-1]
+                         for b in support]
+                    )
+        samples_t = torch.cat(samples, dim=1)  # [S, N, C]
         labels = torch.cat([b["label"] for b in eval_batches])
-        mine[task] = (classification_metrics(probs, labels, n_bins), probs, labels)
+        probs = prefix_means(samples_t)[-1]  # the predictive, summed in draw order
+        dec = decompose(samples_t)
+        result: Dict[str, Any] = {"metrics": _metrics(probs, labels, dec["mutual_info"], n_bins),
+                                  "probs": probs, "labels": labels, "mi": dec["mutual_info"]}
+        if len(counts) > 1:
+            means = prefix_means(samples_t)
+            result["curve"] = {
+                s: _metrics(means[s - 1], labels, decompose(samples_t[:s])["mutual_info"], n_bins)
+                for s in counts
+            }
+        rows = _task_rows(task, sampler, eval_batches, dec) if keep_predictions else None
+        if flip_rate:
+            mm = torch.cat(mean_mode)
+            first = samples_t[0]
+            flips = first.argmax(-1) != mm.argmax(-1)
+            dp = (first.double() - mm.double()).abs().max(-1).values
+            result["flip"] = (int(flips.sum()), dp.sum().item(), int(flips.numel()))
+            if rows is not None:
+                for j, r in enumerate(rows):
+                    r["probs_mean_mode"] = mm[j, : r["num_options"]].tolist()
+        if support_probs is not None:
+            support_labels = torch.cat([b["label"] for b in support])
+            temperature = fit_temperature(support_probs, support_labels)
+            ts_probs = apply_temperature(probs, temperature)
+            # The temperature rescales the predictive, not the weight samples: the TS metrics
+            # carry the raw mutual information.
+            result["ts"] = {"metrics": _metrics(ts_probs, labels, dec["mutual_info"], n_bins),
+                            "probs": ts_probs, "temperature": temperature}
+            if rows is not None:
+                for j, r in enumerate(rows):
+                    r["probs_ts"] = ts_probs[j, : r["num_options"]].tolist()
+                    r["temperature"] = temperature
+        if rows is not None:
+            result["rows"] = rows
+        mine[task] = result
     done = {k: v for part in replicas.all_gather(mine) for k, v in part.items()}
-    per_task = {task: done[task][0] for task in tasks}
-    mean = {m: sum(r[m] for r in per_task.values()) / len(per_task) for m in METRICS}
-    pooled = classification_metrics(
-        torch.cat([done[t][1] for t in tasks]), torch.cat([done[t][2] for t in tasks]), n_bins
-    )
-    return {"per_task": per_task, "mean": mean, "pooled": pooled}
+    return _combine(tasks, done, counts, n_bins)
+
+
+def _combine(tasks: List[str], done: Dict[str, Dict[str, Any]], counts: List[int], n_bins: int) -> Dict[str, object]:
+    per_task = {t: done[t]["metrics"] for t in tasks}
+    labels = torch.cat([done[t]["labels"] for t in tasks])
+    mi = torch.cat([done[t]["mi"] for t in tasks])
+    out: Dict[str, object] = {
+        "per_task": per_task,
+        "mean": _mean_over_tasks(per_task, METRICS),
+        "pooled": _metrics(torch.cat([done[t]["probs"] for t in tasks]), labels, mi, n_bins),
+        "num_samples": counts[-1],
+    }
+    if len(counts) > 1:
+        out["samples_curve"] = {
+            str(s): _mean_over_tasks({t: done[t]["curve"][s] for t in tasks}, CURVE_METRICS) for s in counts
+        }
+    if all("flip" in done[t] for t in tasks):
+        flips, dp, n = (sum(done[t]["flip"][i] for t in tasks) for i in range(3))
+        out["flip"] = {"flip_rate": flips / n, "mean_abs_dp": dp / n, "n": n}
+    if all("ts" in done[t] for t in tasks):
+        ts_per_task = {t: dict(done[t]["ts"]["metrics"], temperature=done[t]["ts"]["temperature"]) for t in tasks}
+        out["ts"] = {
+            "per_task": ts_per_task,
+            "mean": _mean_over_tasks(ts_per_task, METRICS + ("temperature",)),
+            "pooled": _metrics(torch.cat([done[t]["ts"]["probs"] for t in tasks]), labels, mi, n_bins),
+        }
+    if all("rows" in done[t] for t in tasks):
+        out["predictions"] = [r for t in tasks for r in done[t]["rows"]]
+    return out
+
+
+__all__ = [
+    "METRICS",
+    "CURVE_METRICS",
+    "sample_option_probs",
+    "predict_option_probs",
+    "prefix_means",
+    "evaluate_unseen_tasks",
+]

@@ -55,11 +55,14 @@ def expected_calibration_error(
 def classification_metrics(
     probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
 ) -> Dict[str, float]:
+    from abmll.evaluation.uncertainty import selective_metrics
+
     return {
         "accuracy": accuracy(probs, labels),
         "ece": expected_calibration_error(probs, labels, n_bins),
         "nll": negative_log_likelihood(probs, labels),
         "brier": brier_score(probs, labels),
+        **selective_metrics(probs, labels),  # aurc, acc_at_50/80/90 (ranked by top probability)
         "n": int(labels.numel()),
     }
 
