@@ -94,12 +94,18 @@ def main() -> None:
 
     print(f"\nUnseen-task test metrics ({model_label}, split {results['abmll']['split']}, "
           f"seed {results['abmll']['seed']}; mean over tasks)\n")
-    print(f"| {'method':<10} | best epoch | accuracy | ECE   | NLL   | Brier |")
-    print(f"|{'-' * 12}|------------|----------|-------|-------|-------|")
+    print(f"| {'method':<10} | best epoch | accuracy | ECE   | NLL   | Brier | AURC  | ECE + TS | flip rate |")
+    print(f"|{'-' * 12}|------------|----------|-------|-------|-------|-------|----------|-----------|")
     for method, res in results.items():
         m = res["test"]["mean"]
+        ts = (res.get("test_ts") or {}).get("mean") or {}
+        flip = ((res.get("posterior") or {}).get("flip") or {}).get("flip_rate")
         print(f"| {res['method']:<10} | {res['best_epoch']:>10} | {100 * m['accuracy']:7.1f}% | "
-              f"{m['ece']:.3f} | {m['nll']:.3f} | {m['brier']:.3f} |")
+              f"{m['ece']:.3f} | {m['nll']:.3f} | {m['brier']:.3f} | {m.get('aurc', float('nan')):.3f} | "
+              f"{ts.get('ece', float('nan')):8.3f} | {'—' if flip is None else f'{100 * flip:.2f}%':>9} |")
+    print("\nECE: top-label, 15 equal-width bins, a fraction. AURC: area under the risk-coverage curve "
+          "(lower is better). ECE + TS: after one temperature per task fitted on its support examples. "
+          "Flip rate: test answers that change between one weight sample and the mean mode (ABMLL).")
     tasks = list(results["abmll"]["test"]["per_task"])
     print(f"\n| {'task':<38} | pretrained acc / ECE | ABMLL acc / ECE |")
     print(f"|{'-' * 40}|----------------------|-----------------|")
