@@ -130,7 +130,9 @@ def _unknown_argument(key: str, component: str, err: BaseException) -> Optional[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="abmll", description="List and copy abmll's packaged configs.")
+    p = argparse.ArgumentParser(
+        prog="abmll", description="List and copy abmll's packaged configs; `abmll evaluate RUN_DIR --out DIR` "
+        "tests a finished run again (abmll evaluate --help).")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls", help="list the packaged configs (names for --config)")
     cp = sub.add_parser("cp", help="copy a packaged config to a file you can edit")

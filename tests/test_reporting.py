@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from abmll.reporting import (
     load_results,
@@ -430,3 +431,55 @@ def test_seeds_run_in_different_dtypes_are_not_pooled_unseen(tmp_path, capsys):
     assert "bf16 on AVX512: 1 run(s)" in tables and "fp32 on AVX2: 1 run(s)" in tables
     runs_csv = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
     assert runs_csv[0].split(",")[4:6] == ["dtype", "cpu_capability"]
+
+
+def _with_uncertainty(out: Path, seed: int, *, ts_ece: float, curve: bool, probs_rows: list):
+    """Add what a run of this version writes: test_ts, a samples curve, a predictions file."""
+    from abmll.evaluation.predictions import write_predictions
+
+    data = json.loads((out / "results.json").read_text())
+    for block in (data["test"]["mean"], data["test"]["pooled"]):
+        block.update({"aurc": 0.3, "acc_at_50": 0.9, "acc_at_80": 0.85, "acc_at_90": 0.8, "mi": 0.01})
+    data["test_ts"] = {"mean": dict(data["test"]["mean"], ece=ts_ece, temperature=2.0), "per_task": {}, "pooled": {}}
+    data["test"]["samples_curve"] = (
+        {str(s): {"accuracy": 0.8, "ece": 0.1 / s, "nll": 1.0, "brier": 0.5, "mi": 0.01 * s} for s in (1, 2, 4)}
+        if curve else None
+    )
+    write_predictions(probs_rows, out / "predictions_test.parquet")
+    data["predictions"] = "predictions_test.parquet"
+    (out / "results.json").write_text(json.dumps(data))
+
+
+def test_comparison_has_ts_rows_new_columns_and_uncertainty_figures(tmp_path):
+    from abmll.reporting.aggregate import aggregate
+    from abmll.reporting.uncertainty_figures import reliability_bins
+    from abmll.evaluation.metrics import expected_calibration_error
+
+    root = tmp_path / "results"
+    g = torch.Generator().manual_seed(0)
+    for method in ("Pretrained", "ABMLL", "Reptile"):
+        for seed in range(2):
+            out = fake_run(root, "nli", method, seed, 0.8 + seed / 100, 0.1)
+            probs = torch.softmax(torch.randn(20, 3, generator=g), -1)
+            rows = [{"task": "t", "example": i, "line": i + 1, "label": i % 3, "num_options": 3,
+                     "probs": probs[i].tolist()} for i in range(20)]
+            _with_uncertainty(out, seed, ts_ece=0.05, curve=method == "ABMLL", probs_rows=rows)
+    aggregate([root], tmp_path / "tables", latex=False)
+    md = (tmp_path / "tables" / "comparison_nli.md").read_text()
+    assert "| Pretrained + TS | 2 |" in md and "| ABMLL + TS | 2 |" in md
+    assert "Reptile + TS" not in md  # the control is for Pretrained, Regular LoRA and ABMLL
+    assert "ECE (15 bins, fraction)" in md and "AURC" in md and "MI (nats)" in md
+    ts_row = [line for line in md.splitlines() if line.startswith("| ABMLL + TS")][0]
+    assert "| 0.050 ± 0.000 |" in ts_row  # the ECE of test_ts, not of test
+    csv_rows = (tmp_path / "tables" / "comparison_nli.csv").read_text().splitlines()
+    assert csv_rows[0].count("aurc_mean") == 1 and any(r.startswith("ABMLL+TS,") for r in csv_rows)
+    rel = (tmp_path / "tables" / "reliability_nli.csv").read_text().splitlines()
+    assert rel[0] == "method,bin,lower,upper,count,confidence,accuracy"
+    assert sum(int(r.split(",")[4]) for r in rel[1:] if r.startswith("ABMLL,")) == 40  # 2 seeds x 20
+    assert (tmp_path / "tables" / "risk_coverage_nli.csv").exists()
+    # The diagram's bins give back the ECE (an independent computation of the same quantity).
+    probs = torch.softmax(torch.randn(50, 4, generator=g), -1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    bins = reliability_bins(probs, labels, 15)
+    ece = sum(b["count"] / 50 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
+    assert ece == pytest.approx(expected_calibration_error(probs, labels, 15), abs=1e-12)

@@ -21,6 +21,7 @@ from abmll.atomic import atomic_write_text
 
 from .compare import comparison_csv, comparison_markdown, method_runs, per_task_tables, save_acc_vs_ece_png
 from .tables import DEFAULT_ALPHA, Table, table1, table2, table3
+from .uncertainty_figures import write_uncertainty_figures
 
 __all__ = ["write_table", "write_figure2", "write_runs_csv", "compute_summary", "problems_markdown", "aggregate", "main"]
 
@@ -192,6 +193,10 @@ def aggregate(
             _write(out_dir / f"per_task_{s}.md", task_md),
             _write(out_dir / f"per_task_{s}.csv", task_csv),
         ]
+        figs, fig_notes = write_uncertainty_figures(by_method, s, out_dir)
+        written += figs
+        for n in fig_notes:
+            log(f"aggregate: {n}")
         png = out_dir / f"acc_vs_ece_{s}.png"
         note = save_acc_vs_ece_png(comp_csv, png, f"{s}: accuracy vs ECE on unseen tasks (mean ± SE over seeds)")
         if note:

@@ -2,8 +2,10 @@
 
 For a split, from the finished runs of each method (one row per method, seeds pooled):
 
-- ``comparison_{split}.csv`` — the aggregated numbers: per method, n seeds, mean, standard
-  error and per-seed values of test accuracy, ECE, NLL and Brier (the figure is drawn from it);
+- ``comparison_{split}.csv`` — the aggregated numbers: per method (and a "+ TS" row for the
+  temperature-scaling control of Pretrained, Regular LoRA and ABMLL), n seeds, mean, standard
+  error and per-seed values of test accuracy, ECE, NLL, Brier, AURC, accuracy at 80% coverage
+  and mean mutual information (the figure is drawn from it);
 - ``comparison_{split}.md`` — that table, plus every pair of methods with the difference of
   mean accuracy and of mean ECE and the two-sided Welch t-test p-value over seeds;
 - ``per_task_{split}.md`` / ``.csv`` — test accuracy and ECE per unseen task and method
@@ -18,15 +20,46 @@ import csv
 import io
 import itertools
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .results import ABMLL_METHODS, ResultSet, RunResult, method_label
 from .stats import summarize, welch_t_test
 from .tables import abmll_runs
 
-__all__ = ["method_runs", "comparison_csv", "comparison_markdown", "per_task_tables", "save_acc_vs_ece_png"]
+__all__ = ["method_runs", "comparison_rows", "comparison_csv", "comparison_markdown", "per_task_tables", "save_acc_vs_ece_png"]
 
-METRICS = ("accuracy", "ece", "nll", "brier")
+METRICS = ("accuracy", "ece", "nll", "brier", "aurc", "acc_at_80", "mi")
+#: Methods that get a "+ TS" row (their test predictive with one temperature per task fitted on
+#: its support examples): the calibration control a reviewer asks for first.
+TS_METHODS = ("Pretrained", "RegularLoRA", "ABMLL")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: a method's runs, read from ``test`` or from ``test_ts``."""
+
+    key: str
+    label: str
+    runs: List[RunResult]
+    source: str = "test"
+
+
+def comparison_rows(by_method: Dict[str, List[RunResult]]) -> List[Row]:
+    """Each method, then its "+ TS" row (for :data:`TS_METHODS` whose runs recorded one)."""
+    rows = []
+    for m, runs in by_method.items():
+        rows.append(Row(m, method_label(m), runs))
+        ts_runs = [r for r in runs if r.data.get("test_ts")]
+        if m in TS_METHODS and ts_runs:
+            rows.append(Row(f"{m}+TS", f"{method_label(m)} + TS", ts_runs, "test_ts"))
+    return rows
+
+
+def _ece_bins(by_method: Dict[str, List[RunResult]]) -> str:
+    bins = sorted({int(((r.data.get("config") or {}).get("eval") or {}).get("ece_bins", 15))
+                   for runs in by_method.values() for r in runs})
+    return "/".join(map(str, bins)) or "15"
 
 
 def method_runs(results: ResultSet, split: str, abmll_beta: Optional[float] = None) -> Dict[str, List[RunResult]]:
@@ -39,21 +72,25 @@ def method_runs(results: ResultSet, split: str, abmll_beta: Optional[float] = No
     return out
 
 
-def _values(runs: Sequence[RunResult], metric: str, task: Optional[str] = None) -> List[float]:
+def _values(runs: Sequence[RunResult], metric: str, task: Optional[str] = None, source: str = "test") -> List[float]:
+    """One value per run (runs written before a metric existed are left out)."""
+    blocks = [r.data.get(source) or {} for r in runs]
     if task is None:
-        return [r.test_metrics()[metric] for r in runs]
-    return [r.data["test"]["per_task"][task][metric] for r in runs if task in r.data["test"]["per_task"]]
+        found = [(b.get("mean") or {}).get(metric) for b in blocks]
+    else:
+        found = [((b.get("per_task") or {}).get(task) or {}).get(metric) for b in blocks]
+    return [v for v in found if v is not None]
 
 
 def comparison_csv(by_method: Dict[str, List[RunResult]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "label", "n_seeds", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "se", "values")])
-    for m, runs in by_method.items():
-        row: List[object] = [m, method_label(m), len(runs), " ".join(str(r.seed) for r in runs)]
+    for row_ in comparison_rows(by_method):
+        row: List[object] = [row_.key, row_.label, len(row_.runs), " ".join(str(r.seed) for r in row_.runs)]
         for metric in METRICS:
-            s = summarize(_values(runs, metric))
-            row += [f"{s.mean:.6f}", f"{s.se:.6f}", " ".join(f"{v:.6f}" for v in s.values)]
+            s = summarize(_values(row_.runs, metric, source=row_.source))
+            row += ["", "", ""] if s is None else [f"{s.mean:.6f}", f"{s.se:.6f}", " ".join(f"{v:.6f}" for v in s.values)]
         w.writerow(row)
     return buf.getvalue()
 
@@ -94,16 +131,26 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
     lines = [
         f"## {split}: methods (test, unweighted mean over unseen tasks; mean ± SE over seeds)",
         "",
-        "| Method | seeds | Accuracy (%) | ECE | NLL | Brier |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| Method | seeds | Accuracy (%) | ECE ({_ece_bins(by_method)} bins, fraction) | NLL | Brier "
+        f"| AURC | Acc. at 80% coverage (%) | MI (nats) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for m, runs in by_method.items():
+    for row in comparison_rows(by_method):
+        v = lambda metric: _values(row.runs, metric, source=row.source)  # noqa: E731
         lines.append(
-            f"| {method_label(m)} | {len(runs)} | {_pm(_values(runs, 'accuracy'), 100)} | "
-            f"{_pm(_values(runs, 'ece'), digits=3)} | {_pm(_values(runs, 'nll'), digits=3)} | "
-            f"{_pm(_values(runs, 'brier'), digits=3)} |"
+            f"| {row.label} | {len(row.runs)} | {_pm(v('accuracy'), 100)} | {_pm(v('ece'), digits=3)} | "
+            f"{_pm(v('nll'), digits=3)} | {_pm(v('brier'), digits=3)} | {_pm(v('aurc'), digits=3)} | "
+            f"{_pm(v('acc_at_80'), 100)} | {_pm(v('mi'), digits=4)} |"
         )
     lines += [
+        "",
+        "ECE: top-label, equal-width bins, l1, a fraction. AURC: area under the risk-coverage curve, "
+        "examples ranked by the predictive's top probability (lower is better); accuracy at 80% "
+        "coverage: the 80% most confident. MI: mean mutual information between the prediction and "
+        "the weight samples (0 with one sample or a deterministic model). + TS: the same "
+        "predictions with one temperature per task fitted by NLL on that task's support examples "
+        f"after adaptation. Figures: `reliability_{split}.png`, `risk_coverage_{split}.png`, "
+        f"`samples_{split}.png` (where the runs kept predictions / a curve over samples).",
         "",
         f"Pairs (A minus B). Welch: two-sided Welch t-test over seeds; paired: two-sided paired "
         f"t-test over the seeds both ran (same test examples within a seed; n = common seeds); "
