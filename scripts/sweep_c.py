@@ -2,7 +2,7 @@
 seed, then one table: accuracy, ECE, NLL, mutual information, the flip rate between one weight
 sample and the mean mode, and the learned log-variances against c.
 
-    python scripts/sweep_c.py --out results/c_sweep [--c -20 -16 -13 -10] [key=value ...]
+    python scripts/sweep_c.py --out results/c_sweep [key=value ...] [--c -20 -12 -10 -8]
 
 Each run is ``tune run abmll_recipe --config CONFIG model.c=C`` with the overrides (default: the
 offline default's protocol, one epoch without validation, and ``eval.num_samples=[1,4]`` so the
@@ -58,10 +58,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", default="smollm2_135m/abmll")
-    p.add_argument("--c", type=float, nargs="+", default=[-20.0, -16.0, -13.0, -10.0])
+    p.add_argument("--c", type=float, nargs="+", default=[-20.0, -12.0, -10.0, -8.0])
     p.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
     p.add_argument("overrides", nargs="*", help=f"key=value for every run (after {' '.join(DEFAULT_OVERRIDES)})")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may follow --c's values
     if not args.table_only:
         for c in args.c:
             run_dir = args.out / f"c{c:g}"
