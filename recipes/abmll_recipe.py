@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 from torchtune import config, modules, training, utils
@@ -53,15 +53,16 @@ from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha
 from abmll.export import save_peft_adapter
 from abmll.evaluation import (
     evaluate_unseen_tasks,
+    sample_counts,
     num_pruned,
     posterior_summary,
     prune_hidden_units,
     write_predictions,
 )
 from abmll.modules import gaussian_mode
-from abmll.precision import resolve_precision
 from abmll.modules.names import clean_name
 from abmll.distributed import Replicas, seed_of
+from abmll.precision import resolve_precision
 from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, save_checkpoint
 
 log = utils.get_logger("INFO")
@@ -105,7 +106,11 @@ class ABMLLRecipe:
         self.validate = bool(ev.get("validate", True))
         # An int, or a list (a curve over sample counts from prefixes of the same draws; the
         # headline metrics use the largest).
-        self.num_samples = _num_samples(ev.get("num_samples", 1))
+        self.num_samples = ev.get("num_samples", 1)
+        try:
+            sample_counts(self.num_samples)  # checked here, before anything is written
+        except ValueError as err:
+            raise RecipeConfigError(str(err)) from None
         self.eval_mode = str(ev.get("mode", "sample"))
         self.ece_bins = int(ev.get("ece_bins", 15))
         # Test-time uncertainty controls (README, "Uncertainty"): the flip rate between one
@@ -534,18 +539,6 @@ class ABMLLRecipe:
         del self.model, self.learner
         gc.collect()
         self.replicas.shutdown()
-
-
-def _num_samples(value: Any) -> Any:
-    """eval.num_samples: a positive int, or a non-empty list of them (kept as a sorted list)."""
-    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    try:
-        counts = sorted({int(v) for v in values})
-    except (TypeError, ValueError):
-        counts = []
-    if not counts or counts[0] < 1:
-        raise RecipeConfigError(f"eval.num_samples must be a positive integer or a list of them, got {value!r}")
-    return counts[0] if not isinstance(value, (list, tuple, ListConfig)) else counts
 
 
 def _resolve_or_error(requested: Any, device: torch.device):

@@ -1,6 +1,7 @@
 from abmll.evaluation.evaluate import (
     evaluate_unseen_tasks,
     predict_option_probs,
+    sample_counts,
     sample_option_probs,
 )
 from abmll.evaluation.posterior import posterior_summary
@@ -24,6 +25,7 @@ __all__ = [
     "negative_log_likelihood",
     "option_probs",
     "predict_option_probs",
+    "sample_counts",
     "sample_option_probs",
     "posterior_summary",
     "read_predictions",

@@ -71,8 +71,13 @@ def prefix_means(samples: torch.Tensor) -> torch.Tensor:
     return samples.cumsum(0) / counts
 
 
-def _sample_counts(num_samples: Union[int, Sequence[int]]) -> List[int]:
-    counts = [int(num_samples)] if isinstance(num_samples, int) else sorted({int(s) for s in num_samples})
+def sample_counts(num_samples: Union[int, Sequence[int]]) -> List[int]:
+    """``eval.num_samples`` as a sorted list of distinct positive counts (an int or a list)."""
+    try:
+        values = [num_samples] if isinstance(num_samples, (int, str)) else list(num_samples)
+        counts = sorted({int(s) for s in values})
+    except (TypeError, ValueError):
+        counts = []
     if not counts or counts[0] < 1:
         raise ValueError(f"eval.num_samples must be a positive integer or a list of them, got {num_samples!r}")
     return counts
@@ -144,7 +149,7 @@ def evaluate_unseen_tasks(
     RNG seeded from (seed, desc, task), so its noise does not depend on which process runs it
     or what ran before (None: the running RNG).
     """
-    counts = _sample_counts(num_samples)
+    counts = sample_counts(num_samples)
     s_max = counts[-1]
     tasks = list(tasks or sampler.task_names)
     mine: Dict[str, Dict[str, Any]] = {}
@@ -242,5 +247,6 @@ __all__ = [
     "sample_option_probs",
     "predict_option_probs",
     "prefix_means",
+    "sample_counts",
     "evaluate_unseen_tasks",
 ]
