@@ -29,7 +29,7 @@ def _tune() -> str:
 
 def table(out: Path, cs) -> str:
     lines = [
-        "| c | weight std e^(c/2) | accuracy | ECE | NLL | MI (S=4, nats) | flip rate | mean max abs dp "
+        "| c | weight std e^(c/2) | accuracy | ECE | NLL | MI (nats, largest S) | flip rate | mean max abs dp "
         "| lv_phi q01 / q50 / q99 | noise std / abs(W0 + mu) q50 |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]

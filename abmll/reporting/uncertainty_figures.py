@@ -52,7 +52,7 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     confidence, accuracy (NaN for an empty bin)."""
     import torch
 
-    conf, pred = probs.max(-1)
+    conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     bins = torch.bucketize(conf, edges[1:-1], right=False).clamp(0, n_bins - 1)
