@@ -47,7 +47,10 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
+def atomic_write_text(path: PathLike, text: str, *, parents: bool = False) -> Path:
+    """:func:`atomic_write` of ``text``; ``parents``: create the missing parent folders first."""
+    if parents:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

@@ -1,6 +1,7 @@
 """The ``abmll`` command: ``abmll ls`` / ``abmll cp`` (the packaged configs,
 :mod:`abmll.config_registry`) and ``abmll evaluate`` (test a finished run again,
-:mod:`abmll.evaluate_run`)."""
+:mod:`abmll.evaluate_run`) and ``abmll adapt`` (adapt a finished run to your own task,
+:mod:`abmll.adapt`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from abmll.evaluate_run import main as evaluate_main
 
         return evaluate_main(args[1:])
+    if args and args[0] == "adapt":
+        from abmll.adapt import main as adapt_main
+
+        return adapt_main(args[1:])
     from abmll.config_registry import main as configs_main
 
     return configs_main(args)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["EVAL_KEYS", "check_eval_overrides", "evaluate_run", "main"]
+__all__ = ["EVAL_KEYS", "check_eval_overrides", "evaluate_run", "read_finished_run", "main"]
 
 #: What ``abmll evaluate`` may change: a key equal to one of these, or under one ending in ".".
 EVAL_KEYS = (
@@ -53,10 +53,25 @@ def check_eval_overrides(overrides: Sequence[str]) -> None:
             )
 
 
+def read_finished_run(run, overrides: Sequence[str] = ()):
+    """(the run's results record, its config with ``overrides``) of a finished run; ``dtype:
+    auto`` becomes the dtype the run used, so that a test repeats the same computation."""
+    from omegaconf import OmegaConf
+
+    saved = run.read_results()
+    if saved is None or saved.get("finished") is not True:
+        raise EvaluateError(f"{run.results}: no finished run there (its test has not been measured yet)")
+    cfg = OmegaConf.create(saved["config"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    if cfg.get("dtype") == "auto" and (saved.get("precision") or {}).get("dtype"):
+        cfg.dtype = saved["precision"]["dtype"]
+    return saved, cfg
+
+
 def evaluate_run(run_dir: Path, out: Path, overrides: Sequence[str] = (), adapters: str = "best") -> Dict[str, Any]:
     """Test ``run_dir``'s adapters again into ``out``; returns the new results record."""
     import torch
-    from omegaconf import OmegaConf
 
     import abmll_recipe
     from abmll.atomic import atomic_write_text
@@ -67,19 +82,11 @@ def evaluate_run(run_dir: Path, out: Path, overrides: Sequence[str] = (), adapte
     if adapters not in ("best", "final"):
         raise EvaluateError(f"--adapters must be best or final, got {adapters!r}")
     check_eval_overrides(overrides)
-    saved = run.read_results()
-    if saved is None or saved.get("finished") is not True:
-        raise EvaluateError(f"{run.results}: no finished run there (its test has not been measured yet)")
     if Path(out).resolve() == Path(run_dir).resolve():
         raise EvaluateError(f"--out {out}: must not be the run's own directory (abmll evaluate never writes there)")
     if target.results.exists():
         raise EvaluateError(f"--out {out}: already holds a results.json; choose another directory")
-    cfg = OmegaConf.create(saved["config"])
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    # dtype: auto -> the dtype the run used, so the test repeats the same computation.
-    if cfg.get("dtype") == "auto" and (saved.get("precision") or {}).get("dtype"):
-        cfg.dtype = saved["precision"]["dtype"]
+    saved, cfg = read_finished_run(run, overrides)
     for key, value in (("output_dir", str(out)), ("resume_from_checkpoint", False), ("overwrite", False),
                        ("stop_after_epoch", None)):
         cfg[key] = value
@@ -93,13 +100,13 @@ def evaluate_run(run_dir: Path, out: Path, overrides: Sequence[str] = (), adapte
     recipe.setup(cfg=cfg)
     try:
         if state is not None:
-            recipe._load_state(state)  # adapters (last epoch), best epoch, history, RNG state
+            recipe.load_state(state)  # adapters (last epoch), best epoch, history, RNG state
             if adapters == "final":
                 recipe.best = {"epoch": state["epoch"], "val": None, "adapters": state["adapters"]}
         else:  # nothing was trained (Pretrained, epochs=0): the adapters come from the seed
             recipe.history = saved.get("history") or []
             recipe.best = {"epoch": saved.get("best_epoch", 0), "val": saved.get("val_at_best"),
-                           "adapters": recipe._adapter_state()}
+                           "adapters": recipe.adapter_state()}
         results = recipe.finish()
     finally:
         recipe.cleanup()

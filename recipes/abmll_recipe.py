@@ -136,6 +136,8 @@ class ABMLLRecipe:
         # Debugging: after every step, check that all processes hold the same adapters.
         self.check_replicas = bool(cfg.get("debug_check_replicas", False))
         self.stopped_early = False  # set by stop_after_epoch
+        self._resume_state = None  # set by setup()
+        self._metric_logger = None  # set by setup() (process 0)
         self.cfg = cfg
 
     # ------------------------------------------------------------------ set-up
@@ -152,13 +154,9 @@ class ABMLLRecipe:
                     log=log.info,
                 )
             self.replicas.barrier()
-        self._dtype = self._choose_dtype()
+        self._setup_tokenizer(cfg)
         data = cfg.data
-        self.batch_size = int(data.get("batch_size", 2))
-        if self.batch_size < 1:
-            raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         self.max_eval = data.get("max_eval_examples_per_task", None)
-        self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         data_dir = data.get("data_dir", None)
         self.split = load_split(
             str(cfg.split),
@@ -168,32 +166,10 @@ class ABMLLRecipe:
             k=data.get("k", None),
             seed=data.get("seed", None),
         )
-        chat = bool(data.get("chat_template", False))
-        self.option_ids = torch.tensor(option_token_ids(self._tokenizer, chat_template=chat))
-        sampler_kw = dict(
-            batch_size=self.batch_size,
-            max_seq_len=int(data.max_seq_len),
-            seed=self.seed,
-            chat_template=chat,
-        )
-        eval_bs = data.get("eval_batch_size", None)
-        if eval_bs is not None and int(eval_bs) < 1:
-            raise RecipeConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_bs}")
-        self.train_sampler = TaskSampler(self.split.train, self._tokenizer, **sampler_kw)
-        # Support batches stay at data.batch_size (the adaptation steps are training steps);
-        # evaluation batches take data.eval_batch_size (default: data.batch_size).
-        eval_kw = dict(sampler_kw, eval_batch_size=None if eval_bs is None else int(eval_bs))
-        self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **eval_kw)
-        self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **eval_kw)
-
-        self.learner = self._instantiate_learner(cfg.learner)
-        m, w = self.learner.meta_batch_size, self.replicas.world_size
-        # Beyond the paper's setting (one task per step, one process), each task draws its
-        # noise from its own seed, so a task's numbers do not depend on which process runs it.
-        self.per_task_rng = m > 1 or w > 1
-        self.model = self._setup_model(cfg)
-        self.learner.setup(self.model, self._device, compute_dtype=self._dtype, replicas=self.replicas)
-        self.num_support = self.learner.inner_steps
+        self.train_sampler = TaskSampler(self.split.train, self._tokenizer, **self.sampler_kw)
+        self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **self.eval_sampler_kw)
+        self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **self.eval_sampler_kw)
+        self._setup_learner(cfg)
         log.info(
             f"{type(self.learner).__name__} on split {self.split.name}: "
             f"{len(self.split.train)} training, {len(self.split.val)} validation, "
@@ -212,7 +188,48 @@ class ABMLLRecipe:
         self.history: List[Dict[str, Any]] = []
         self.best: Dict[str, Any] = {"epoch": None, "val": None, "adapters": None}
         if self._resume_state is not None:
-            self._load_state(self._resume_state)
+            self.load_state(self._resume_state)
+
+    def setup_for_adaptation(self, cfg: DictConfig) -> None:
+        """What test-time adaptation needs and no more (``abmll adapt``): the dtype, tokenizer
+        and batching, the model with its base weights, and the learner. No split is loaded and
+        nothing is written."""
+        self._setup_tokenizer(cfg)
+        self._setup_learner(cfg)
+
+    def _setup_tokenizer(self, cfg: DictConfig) -> None:
+        """The compute dtype, the tokenizer, the answer letters' token ids, and how examples
+        are tokenized and batched (``sampler_kw`` / ``eval_sampler_kw``)."""
+        self._dtype = self._choose_dtype()
+        data = cfg.data
+        self.batch_size = int(data.get("batch_size", 2))
+        if self.batch_size < 1:
+            raise RecipeConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
+        chat = bool(data.get("chat_template", False))
+        self.option_ids = torch.tensor(option_token_ids(self._tokenizer, chat_template=chat))
+        eval_bs = data.get("eval_batch_size", None)
+        if eval_bs is not None and int(eval_bs) < 1:
+            raise RecipeConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_bs}")
+        self.sampler_kw = dict(
+            batch_size=self.batch_size,
+            max_seq_len=int(data.max_seq_len),
+            seed=self.seed,
+            chat_template=chat,
+        )
+        # Support batches stay at data.batch_size (the adaptation steps are training steps);
+        # evaluation batches take data.eval_batch_size (default: data.batch_size).
+        self.eval_sampler_kw = dict(self.sampler_kw, eval_batch_size=None if eval_bs is None else int(eval_bs))
+
+    def _setup_learner(self, cfg: DictConfig) -> None:
+        self.learner = self._instantiate_learner(cfg.learner)
+        m, w = self.learner.meta_batch_size, self.replicas.world_size
+        # Beyond the paper's setting (one task per step, one process), each task draws its
+        # noise from its own seed, so a task's numbers do not depend on which process runs it.
+        self.per_task_rng = m > 1 or w > 1
+        self.model = self._setup_model(cfg)
+        self.learner.setup(self.model, self._device, compute_dtype=self._dtype, replicas=self.replicas)
+        self.num_support = self.learner.inner_steps
 
     def _choose_dtype(self) -> torch.dtype:
         """The resolved compute dtype, logged; a resumed ``dtype: auto`` run keeps its checkpoint's
@@ -263,12 +280,12 @@ class ABMLLRecipe:
         return model
 
     # ------------------------------------------------------------------ state
-    def _adapter_state(self) -> Dict[str, torch.Tensor]:
+    def adapter_state(self) -> Dict[str, torch.Tensor]:
         # Keyed by clean names (no activation checkpointing prefix): see abmll.modules.names.
         return {k: p.detach().cpu().clone() for k, p in self.learner.adapter_params.items()}
 
     @torch.no_grad()
-    def _load_adapters(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_adapters(self, state: Dict[str, torch.Tensor]) -> None:
         # Checkpoints written before adapter names were cleaned carry the wrapper's prefix.
         state = {clean_name(k): v for k, v in state.items()}
         missing = [k for k in self.learner.adapter_params if k not in state]
@@ -281,8 +298,8 @@ class ABMLLRecipe:
         for k, p in self.learner.adapter_params.items():
             p.copy_(state[k].to(p.device, p.dtype))
 
-    def _load_state(self, state: Dict[str, Any]) -> None:
-        self._load_adapters(state["adapters"])
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.load_adapters(state["adapters"])
         self.learner.load_state_dict(state["learner"])
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
@@ -297,7 +314,7 @@ class ABMLLRecipe:
         state = {
             "epoch": epoch,
             "global_step": self.global_step,
-            "adapters": self._adapter_state(),
+            "adapters": self.adapter_state(),
             "learner": self.learner.state_dict(),
             "history": self.history,
             "best": self.best,
@@ -355,13 +372,13 @@ class ABMLLRecipe:
     def _validate(self, epoch: int) -> Optional[Dict[str, float]]:
         """Validate (when enabled) and keep the adapters of the best epoch so far."""
         if not self.validate:
-            self.best = {"epoch": epoch, "val": None, "adapters": self._adapter_state()}
+            self.best = {"epoch": epoch, "val": None, "adapters": self.adapter_state()}
             return None
         val = self.evaluate(self.val_sampler, f"val epoch {epoch}", predictions=self.save_val_predictions)
         self._write_predictions(val, f"val_epoch{epoch}")
         self._log_eval("val", val, epoch)
         if self.best["epoch"] is None or val["mean"]["accuracy"] > self.best["val"]["accuracy"]:
-            self.best = {"epoch": epoch, "val": val["mean"], "adapters": self._adapter_state()}
+            self.best = {"epoch": epoch, "val": val["mean"], "adapters": self.adapter_state()}
         return val["mean"]
 
     def _check_finite(self, metrics: Dict[str, float], tasks: List[Any], epoch: int) -> None:
@@ -452,8 +469,8 @@ class ABMLLRecipe:
         if self.stopped_early:
             return None
         self.errors: Dict[str, str] = {}
-        final_adapters = self._adapter_state()
-        self._load_adapters(self.best["adapters"])
+        final_adapters = self.adapter_state()
+        self.load_adapters(self.best["adapters"])
         test = self.evaluate(self.test_sampler, "test", test=True, predictions=True)
         self._log_eval("test", test, self.best["epoch"])
         self._write_predictions(test, "test")
@@ -521,7 +538,7 @@ class ABMLLRecipe:
 
     def _export_adapters(self, final_adapters: Dict[str, torch.Tensor]) -> None:
         self._export_peft(self.run.adapter("best"))  # the best adapters are loaded
-        self._load_adapters(final_adapters)
+        self.load_adapters(final_adapters)
         self._export_peft(self.run.adapter("final"))
 
     def _export_peft(self, out_dir: Path) -> None:
@@ -536,7 +553,8 @@ class ABMLLRecipe:
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
-        del self.model, self.learner
+        for name in ("model", "learner"):  # absent when set-up stopped before building them
+            self.__dict__.pop(name, None)
         gc.collect()
         self.replicas.shutdown()
 

@@ -233,12 +233,12 @@ def test_recipe_tests_with_the_best_epochs_adapters_and_exports_best_and_final(t
         assert results["best_epoch"] == 1 and results["epochs"] == 3
         assert [h["val"]["accuracy"] for h in results["history"]] == [0.9, 0.1, 0.5]
 
-        recipe._load_adapters(ckpts[1])
+        recipe.load_adapters(ckpts[1])
         with_best = evaluate(recipe.test_sampler, "test again")
         assert results["test"]["mean"] == with_best["mean"]
         assert results["test"]["per_task"] == with_best["per_task"]
         # and not what the last epoch's adapters give (so the test above can fail)
-        recipe._load_adapters(ckpts[3])
+        recipe.load_adapters(ckpts[3])
         with_last = evaluate(recipe.test_sampler, "test last")
         assert with_last["mean"] != with_best["mean"]
 
@@ -260,7 +260,7 @@ def test_recipe_exports_identical_best_and_final_when_the_last_epoch_is_best(tmp
     recipe, evaluate, results, ckpts = _run_recipe_in_process(tmp_path, [0.1, 0.9], "best2")
     try:
         assert results["best_epoch"] == 2
-        recipe._load_adapters(ckpts[2])
+        recipe.load_adapters(ckpts[2])
         assert results["test"]["mean"] == evaluate(recipe.test_sampler, "test again")["mean"]
         out = Path(results["config"]["output_dir"])
         best, final = _peft(out / "adapter_best"), _peft(out / "adapter_final")

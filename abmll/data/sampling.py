@@ -114,10 +114,8 @@ class TaskSampler:
         self, task: str, num_support: int, max_eval_examples: int | None
     ) -> tuple[list[dict], list[dict]]:
         """Test-time split of ``task``: ``num_support`` support batches for adaptation and the
-        rest of the task (at most ``max_eval_examples``) as evaluation batches of
-        ``eval_batch_size``, grouped by length so that little of a batch is padding (examples are
-        right-padded and attention is causal, so padding does not change an example's
-        prediction). Deterministic given ``seed`` (independent of the epoch); evaluation never
+        rest of the task (at most ``max_eval_examples``) as evaluation batches
+        (:meth:`eval_batches`). Deterministic given ``seed`` (independent of the epoch); evaluation never
         sees a support example."""
         exs = self._check_task(task)
         n_s = num_support * self.batch_size
@@ -132,8 +130,18 @@ class TaskSampler:
             if int(max_eval_examples) < 1:
                 raise ValueError(f"max_eval_examples must be >= 1 or None, got {max_eval_examples}")
             rest = rest[: int(max_eval_examples)]
-        rest = sorted(rest, key=lambda i: len(self.tokenized(task, i)["tokens"]))
-        return (
-            self._batches([(task, i) for i in support]),
-            self._batches([(task, i) for i in rest], self.eval_batch_size),
-        )
+        return self.batches(task, support), self.eval_batches(task, rest)
+
+    def batches(self, task: str, indices: list[int]) -> list[dict]:
+        """Training (support) batches of ``batch_size`` of ``task``'s examples ``indices``, in
+        that order."""
+        self._check_task(task)
+        return self._batches([(task, i) for i in indices])
+
+    def eval_batches(self, task: str, indices: list[int]) -> list[dict]:
+        """Evaluation batches of ``eval_batch_size`` of ``task``'s examples ``indices``, grouped
+        by length (a stable sort) so that little of a batch is padding: examples are
+        right-padded and attention is causal, so padding does not change a prediction."""
+        self._check_task(task)
+        ordered = sorted(indices, key=lambda i: len(self.tokenized(task, i)["tokens"]))
+        return self._batches([(task, i) for i in ordered], self.eval_batch_size)

@@ -14,7 +14,7 @@ Per task, inside one adapted copy of the adapters and one seeded RNG stream:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -83,7 +83,8 @@ def sample_counts(num_samples: Union[int, Sequence[int]]) -> List[int]:
     return counts
 
 
-def _metrics(probs: torch.Tensor, labels: torch.Tensor, mi: torch.Tensor, n_bins: int) -> Dict[str, float]:
+def predictive_metrics(probs: torch.Tensor, labels: torch.Tensor, mi: torch.Tensor, n_bins: int) -> Dict[str, float]:
+    """Accuracy, ECE, NLL, Brier, the selective metrics, and the mean mutual information."""
     out = classification_metrics(probs, labels, n_bins)
     out["mi"] = mi.double().mean().item()
     return out
@@ -114,6 +115,48 @@ def _task_rows(task: str, sampler, eval_batches: List[Batch], dec: Dict[str, tor
             "mutual_info": dec["mutual_info"][j].item(),
         })
     return rows
+
+
+def adapt_and_predict(
+    learner,
+    support: List[Batch],
+    eval_batches: List[Batch],
+    option_ids: torch.Tensor,
+    *,
+    num_samples: int = 1,
+    seed: Optional[int] = None,
+    flip_rate: bool = False,
+    temperature_scaling: bool = False,
+    while_adapted: Optional[Callable[[], None]] = None,
+) -> Dict[str, torch.Tensor]:
+    """One task's test-time adaptation and predictions, in the order the module docstring gives.
+
+    Returns ``samples`` [S, N, C] (per-sample option probabilities of the evaluation batches,
+    in batch order), and when asked ``mean_mode`` [N, C] and ``support_probs`` (the support
+    examples' predictive, for temperature scaling). ``seed``: the task's own RNG stream (None:
+    the running one). ``while_adapted`` is called with the adapted adapters still in place
+    (``abmll adapt`` exports them there)."""
+    samples, mean_mode, out = [], [], {}
+    with seeded(seed, learner.device), learner.adapted(support), learner.autocast():
+        for b in eval_batches:
+            samples.append(sample_option_probs(learner.model, b, option_ids, num_samples, learner.device))
+            if flip_rate:
+                with gaussian_mode(learner.model, "mean"):
+                    mean_mode.append(sample_option_probs(learner.model, b, option_ids, 1, learner.device)[0])
+        if temperature_scaling and support:
+            # On a forked RNG: the support's weight samples must not shift the noise that
+            # later tasks draw from the running stream (one process, one task at a time).
+            with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
+                out["support_probs"] = torch.cat(
+                    [prefix_means(sample_option_probs(learner.model, b, option_ids, num_samples, learner.device))[-1]
+                     for b in support]
+                )
+        if while_adapted is not None:
+            while_adapted()
+    out["samples"] = torch.cat(samples, dim=1)
+    if flip_rate:
+        out["mean_mode"] = torch.cat(mean_mode)
+    return out
 
 
 def evaluate_unseen_tasks(
@@ -155,37 +198,26 @@ def evaluate_unseen_tasks(
     mine: Dict[str, Dict[str, Any]] = {}
     for task in tqdm(replicas.shard(tasks), desc=desc, leave=False, disable=not replicas.is_main):
         support, eval_batches = sampler.adaptation_split(task, num_support, max_eval_examples)
-        task_seed = None if seed is None else seed_of(seed, desc, task)
-        samples, mean_mode, support_probs = [], [], None
-        with seeded(task_seed, learner.device), learner.adapted(support), learner.autocast():
-            for b in eval_batches:
-                samples.append(sample_option_probs(learner.model, b, option_ids, s_max, learner.device))
-                if flip_rate:
-                    with gaussian_mode(learner.model, "mean"):
-                        mean_mode.append(sample_option_probs(learner.model, b, option_ids, 1, learner.device)[0])
-            if temperature_scaling and support:
-                # On a forked RNG: the support's weight samples must not shift the noise that
-                # later tasks draw from the running stream (one process, one task at a time).
-                with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
-                    support_probs = torch.cat(
-                        [prefix_means(sample_option_probs(learner.model, b, option_ids, s_max, learner.device))[-1]
-                         for b in support]
-                    )
-        samples_t = torch.cat(samples, dim=1)  # [S, N, C]
+        pred = adapt_and_predict(
+            learner, support, eval_batches, option_ids, num_samples=s_max,
+            seed=None if seed is None else seed_of(seed, desc, task),
+            flip_rate=flip_rate, temperature_scaling=temperature_scaling,
+        )
+        samples_t, mean_mode, support_probs = pred["samples"], pred.get("mean_mode"), pred.get("support_probs")
         labels = torch.cat([b["label"] for b in eval_batches])
         probs = prefix_means(samples_t)[-1]  # the predictive, summed in draw order
         dec = decompose(samples_t)
-        result: Dict[str, Any] = {"metrics": _metrics(probs, labels, dec["mutual_info"], n_bins),
+        result: Dict[str, Any] = {"metrics": predictive_metrics(probs, labels, dec["mutual_info"], n_bins),
                                   "probs": probs, "labels": labels, "mi": dec["mutual_info"]}
         if len(counts) > 1:
             means = prefix_means(samples_t)
             result["curve"] = {
-                s: _metrics(means[s - 1], labels, decompose(samples_t[:s])["mutual_info"], n_bins)
+                s: predictive_metrics(means[s - 1], labels, decompose(samples_t[:s])["mutual_info"], n_bins)
                 for s in counts
             }
         rows = _task_rows(task, sampler, eval_batches, dec) if keep_predictions else None
         if flip_rate:
-            mm = torch.cat(mean_mode)
+            mm = mean_mode
             first = samples_t[0]
             flips = first.argmax(-1) != mm.argmax(-1)
             dp = (first.double() - mm.double()).abs().max(-1).values
@@ -199,7 +231,7 @@ def evaluate_unseen_tasks(
             ts_probs = apply_temperature(probs, temperature)
             # The temperature rescales the predictive, not the weight samples: the TS metrics
             # carry the raw mutual information.
-            result["ts"] = {"metrics": _metrics(ts_probs, labels, dec["mutual_info"], n_bins),
+            result["ts"] = {"metrics": predictive_metrics(ts_probs, labels, dec["mutual_info"], n_bins),
                             "probs": ts_probs, "temperature": temperature}
             if rows is not None:
                 for j, r in enumerate(rows):
@@ -219,7 +251,7 @@ def _combine(tasks: List[str], done: Dict[str, Dict[str, Any]], counts: List[int
     out: Dict[str, object] = {
         "per_task": per_task,
         "mean": _mean_over_tasks(per_task, METRICS),
-        "pooled": _metrics(torch.cat([done[t]["probs"] for t in tasks]), labels, mi, n_bins),
+        "pooled": predictive_metrics(torch.cat([done[t]["probs"] for t in tasks]), labels, mi, n_bins),
         "num_samples": counts[-1],
     }
     if len(counts) > 1:
@@ -234,7 +266,7 @@ def _combine(tasks: List[str], done: Dict[str, Dict[str, Any]], counts: List[int
         out["ts"] = {
             "per_task": ts_per_task,
             "mean": _mean_over_tasks(ts_per_task, METRICS + ("temperature",)),
-            "pooled": _metrics(torch.cat([done[t]["ts"]["probs"] for t in tasks]), labels, mi, n_bins),
+            "pooled": predictive_metrics(torch.cat([done[t]["ts"]["probs"] for t in tasks]), labels, mi, n_bins),
         }
     if all("rows" in done[t] for t in tasks):
         out["predictions"] = [r for t in tasks for r in done[t]["rows"]]
@@ -248,5 +280,7 @@ __all__ = [
     "predict_option_probs",
     "prefix_means",
     "sample_counts",
+    "adapt_and_predict",
+    "predictive_metrics",
     "evaluate_unseen_tasks",
 ]

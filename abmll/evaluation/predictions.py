@@ -11,6 +11,9 @@ the sampler uses); ``line`` (1-based line of the task's jsonl file; -1 for built
 ``max_prob``, ``entropy``, ``expected_entropy``, ``mutual_info`` (the decomposition, nats);
 and, where measured, ``probs_mean_mode`` (the same adapted model in mean mode) and
 ``probs_ts`` / ``temperature`` (the temperature-scaled predictive and its task's temperature).
+``abmll adapt`` writes the same columns for the user's query file (``line``: the file's row;
+``label``: null for an unlabelled row) and four more: ``input``, ``options``, ``answer`` (the
+predicted option's text) and ``abstain``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = ["COLUMNS", "write_predictions", "read_predictions"]
 COLUMNS = (
     "task", "example", "line", "label", "num_options", "probs", "pred", "max_prob", "entropy",
     "expected_entropy", "mutual_info", "probs_mean_mode", "probs_ts", "temperature",
+    "input", "options", "answer", "abstain",
 )
 
 

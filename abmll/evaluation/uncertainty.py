@@ -21,7 +21,7 @@ and integer ``labels`` [N]. Computed in float64.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "aurc",
     "accuracy_at_coverage",
     "selective_metrics",
+    "abstentions",
     "apply_temperature",
     "fit_temperature",
     "TEMPERATURE_GRID",
@@ -93,6 +94,26 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
     errors = _ranked_errors(probs, labels)
     k = max(1, math.ceil(coverage * errors.numel() - 1e-9))
     return 1.0 - errors[:k].mean().item()
+
+
+def abstentions(probs: torch.Tensor, *, below: Optional[float] = None, coverage: Optional[float] = None) -> torch.Tensor:
+    """Which examples to abstain on (bool [N]): those whose top probability is below ``below``,
+    or all but the ceil(coverage * N) most confident (the ranking of the selective metrics, ties
+    in the examples' order). Neither given: none."""
+    conf = probs.double().max(-1).values
+    if below is not None and coverage is not None:
+        raise ValueError("give a probability threshold or a coverage, not both")
+    if below is not None:
+        if not 0.0 <= below <= 1.0:
+            raise ValueError(f"the abstention threshold must be in [0, 1], got {below}")
+        return conf < below
+    out = torch.zeros(conf.numel(), dtype=torch.bool)
+    if coverage is not None:
+        if not 0.0 < coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+        k = max(1, math.ceil(coverage * conf.numel() - 1e-9))
+        out[torch.sort(conf, descending=True, stable=True).indices[k:]] = True
+    return out
 
 
 def selective_metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:

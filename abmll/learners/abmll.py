@@ -260,9 +260,16 @@ class ABMLL(Learner):
 
     def export_adapter(self) -> Dict[str, torch.Tensor]:
         """The global mean pair (B_mu_theta, A_mu_theta) as a standard LoRA adapter."""
+        return self._export_pair("mu_theta")
+
+    def export_task_adapter(self) -> Dict[str, torch.Tensor]:
+        """The task mean pair (B_mu_phi, A_mu_phi), after :meth:`adapted`: the mean-mode model."""
+        return self._export_pair("mu_phi")
+
+    def _export_pair(self, pair: str) -> Dict[str, torch.Tensor]:
         out = {}
         for name, layer in gaussian_lora_modules(self.model):
-            b, a = layer.factors("mu_theta")
+            b, a = layer.factors(pair)
             name = clean_name(name)  # same names with activation checkpointing on or off
             out[f"{name}.lora_a.weight"] = a.detach().cpu().clone()
             out[f"{name}.lora_b.weight"] = b.detach().cpu().clone()

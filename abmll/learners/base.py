@@ -285,3 +285,8 @@ class Learner:
         """The adapter to publish as a standard LoRA (torchtune names ``...lora_a.weight``,
         clean of the activation checkpointing prefix, as ``adapter_params`` is keyed)."""
         return {k: p.detach().cpu().clone() for k, p in self.adapter_params.items()}
+
+    def export_task_adapter(self) -> Dict[str, torch.Tensor]:
+        """The adapter as adapted to one task (call it inside :meth:`adapted`), as a standard
+        LoRA: what the model computes in mean mode. Plain LoRA adapters are adapted in place."""
+        return self.export_adapter()

@@ -26,19 +26,14 @@ from .uncertainty_figures import write_uncertainty_figures
 __all__ = ["write_table", "write_figure2", "write_runs_csv", "compute_summary", "problems_markdown", "aggregate", "main"]
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, text)
-
-
 def write_table(table: Table, out_dir: Path, *, latex: bool = True) -> List[Path]:
     """``{name}.md``, ``{name}.csv`` and (optionally) ``{name}.tex`` in ``out_dir``."""
     paths = [
-        _write(out_dir / f"{table.name}.md", table.to_markdown()),
-        _write(out_dir / f"{table.name}.csv", table.to_csv()),
+        atomic_write_text(out_dir / f"{table.name}.md", table.to_markdown(), parents=True),
+        atomic_write_text(out_dir / f"{table.name}.csv", table.to_csv(), parents=True),
     ]
     if latex:
-        paths.append(_write(out_dir / f"{table.name}.tex", table.to_latex()))
+        paths.append(atomic_write_text(out_dir / f"{table.name}.tex", table.to_latex(), parents=True))
     return paths
 
 
@@ -63,7 +58,7 @@ def write_figure2(
             paths.append(png)
         elif note not in notes:
             notes.append(note)
-    paths.insert(0, _write(out_dir / "figure2.csv", figure2_csv(curves_all)))
+    paths.insert(0, atomic_write_text(out_dir / "figure2.csv", figure2_csv(curves_all), parents=True))
     return paths, notes
 
 
@@ -98,7 +93,7 @@ def write_runs_csv(results: ResultSet, path: Path) -> Path:
             "pruned_fractions": ";".join(f"{f:g}" for f in sorted(r.pruning) if f > 0),
             "path": str(r.path),
         })
-    return _write(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue(), parents=True)
 
 
 def compute_summary(results: ResultSet) -> str:
@@ -188,10 +183,10 @@ def aggregate(
         comp_md = comparison_markdown(by_method, s, alpha)
         task_md, task_csv = per_task_tables(by_method, s)
         written += [
-            _write(out_dir / f"comparison_{s}.csv", comp_csv),
-            _write(out_dir / f"comparison_{s}.md", comp_md),
-            _write(out_dir / f"per_task_{s}.md", task_md),
-            _write(out_dir / f"per_task_{s}.csv", task_csv),
+            atomic_write_text(out_dir / f"comparison_{s}.csv", comp_csv, parents=True),
+            atomic_write_text(out_dir / f"comparison_{s}.md", comp_md, parents=True),
+            atomic_write_text(out_dir / f"per_task_{s}.md", task_md, parents=True),
+            atomic_write_text(out_dir / f"per_task_{s}.csv", task_csv, parents=True),
         ]
         figs, fig_notes = write_uncertainty_figures(by_method, s, out_dir)
         written += figs
@@ -205,7 +200,7 @@ def aggregate(
             written.append(png)
         sections += [comp_md, ""]
     written.append(write_runs_csv(results, out_dir / "runs.csv"))
-    written.append(_write(out_dir / "tables.md", "\n".join(sections)))
+    written.append(atomic_write_text(out_dir / "tables.md", "\n".join(sections), parents=True))
     log(f"aggregate: wrote {len(written)} file(s) to {out_dir}: {', '.join(p.name for p in written)}")
     return results
 

@@ -19,6 +19,8 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from abmll.atomic import atomic_write_text
+
 from .results import RunResult, method_label
 
 if TYPE_CHECKING:  # torch is imported where it is used: the reporting reads runs without it
@@ -79,13 +81,6 @@ def _plt():
     return plt
 
 
-def _write(path: Path, text: str) -> Path:
-    from abmll.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, text)
-
-
 def write_uncertainty_figures(by_method: Dict[str, List[RunResult]], split: str, out_dir: Path,
                               n_bins: int = 15) -> Tuple[List[Path], List[str]]:
     """Write the three figures (and the reliability / risk-coverage CSVs) for one split.
@@ -114,8 +109,8 @@ def write_uncertainty_figures(by_method: Dict[str, List[RunResult]], split: str,
             rc_of[m] = risk_coverage(probs, labels)
             for cov, risk in zip(*(t.tolist() for t in rc_of[m])):
                 w2.writerow([m, f"{cov:.6f}", f"{risk:.6f}"])
-        written += [_write(out_dir / f"reliability_{split}.csv", rel.getvalue()),
-                    _write(out_dir / f"risk_coverage_{split}.csv", rc.getvalue())]
+        written += [atomic_write_text(out_dir / f"reliability_{split}.csv", rel.getvalue(), parents=True),
+                    atomic_write_text(out_dir / f"risk_coverage_{split}.csv", rc.getvalue(), parents=True)]
         if plt is not None:
             n = len(pooled)
             fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
