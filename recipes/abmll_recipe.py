@@ -113,7 +113,7 @@ class ABMLLRecipe:
             raise RecipeConfigError(str(err)) from None
         self.eval_mode = str(ev.get("mode", "sample"))
         self.ece_bins = int(ev.get("ece_bins", 15))
-        # Test-time uncertainty controls (README, "Uncertainty"): the flip rate between one
+        # Test-time uncertainty controls (docs/uncertainty.md): the flip rate between one
         # sample and the mean mode (Gaussian models in sample mode), and a temperature per task
         # fitted on its support examples. Validation writes its predictions only when asked.
         self.flip_rate = bool(ev.get("flip_rate", True))

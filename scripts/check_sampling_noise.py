@@ -1,7 +1,7 @@
 """Does sampling the Gaussian LoRA weights wreck the pretrained model? Accuracy and ECE on
 the unseen validation tasks at initialisation (B = 0, so log sigma^2 = c everywhere), one
 weight sample per forward against the deterministic mean, for several c. No training, no
-test-time adaptation. Used to choose the default c (README, interpretation note 1).
+test-time adaptation. Used to choose the default c (docs/notes.md, note 1).
 
     python scripts/check_sampling_noise.py --data-dir ~/.cache/abmll/bigbench-mc \
         --c -20 -12 -8 -5 --max-eval 40

@@ -36,7 +36,7 @@ def test_every_packaged_config_passes_the_check():
 
 
 def test_the_check_knows_every_key_the_recipe_reads():
-    """The recipe's own reads (cfg.get / cfg.<key>; data.get / data.<key> in set-up; ev.get)
+    """The recipe's own reads (cfg.get / cfg.<key>; data.get / data.<key> in the set-up; ev.get)
     are all in RECIPE_KEYS: a key added to the recipe but not to the check would be refused."""
     import inspect
     import re
@@ -44,7 +44,8 @@ def test_the_check_knows_every_key_the_recipe_reads():
     import abmll_recipe
 
     src = inspect.getsource(abmll_recipe)
-    setup = inspect.getsource(abmll_recipe.ABMLLRecipe.setup)
+    setup = "".join(inspect.getsource(f) for f in (abmll_recipe.ABMLLRecipe.setup,
+                                                   abmll_recipe.ABMLLRecipe._setup_tokenizer))
     top = set(re.findall(r"\bcfg\.get\(\"([a-z_]+)\"", src)) | set(re.findall(r"\bcfg\.([a-z_]+)\b", src))
     data = set(re.findall(r"\bdata\.get\(\"([a-z_]+)\"", setup)) | set(re.findall(r"\bdata\.([a-z_]+)\b", setup))
     ev = set(re.findall(r"\bev\.get\(\"([a-z_]+)\"", src))

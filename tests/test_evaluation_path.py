@@ -190,7 +190,7 @@ def _run_recipe_in_process(tmp_path, val_accuracies, name):
     """
     import abmll_recipe
 
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "abmll.yaml")
+    cfg = OmegaConf.load(REPO / "abmll" / "configs" / "tiny" / "abmll.yaml")
     cfg.output_dir = str(tmp_path / name)
     cfg.epochs = len(val_accuracies)
     cfg.eval.mode = "mean"

@@ -350,7 +350,7 @@ def test_llama3_8b_config_loads_metas_checkpoint_and_runs(method, original, tiny
         base = _base_state(seen[when])
         assert sorted(base) == sorted(expected), when
         for k, v in expected.items():
-            # The learner keeps RMSNorm scales float32 under bf16 (the same values: README note 17).
+            # The learner keeps RMSNorm scales float32 under bf16 (the same values: docs/notes.md, note 17).
             dtype = torch.float32 if when == "model" and k.endswith("norm.scale") else torch.bfloat16
             assert base[k].dtype == dtype and torch.equal(base[k], v.to(dtype)), (when, k)
     # ... and the model built from them computes Meta's reference forward (adapters at init: B = 0).

@@ -319,7 +319,7 @@ def test_public_names_and_config_components_resolve():
 
     import abmll.models as M
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[1] / "abmll" / "configs"
     paths = {
         line.split(":", 1)[1].strip()
         for f in configs.rglob("*.yaml")

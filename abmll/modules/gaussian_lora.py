@@ -56,7 +56,7 @@ PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta", "mu_phi", "lv_phi")
 THETA_PAIRS: Tuple[str, ...] = ("mu_theta", "lv_theta")
 PHI_PAIRS: Tuple[str, ...] = ("mu_phi", "lv_phi")
 MODES = ("sample", "mean")
-#: Default log-variance offset ``c`` (README, interpretation note 1); the model builders' default.
+#: Default log-variance offset ``c`` (docs/notes.md, note 1); the model builders' default.
 DEFAULT_C = -20.0
 #: Training-time estimators (``GaussianLoRALinear.sampling``); see the module docstring.
 SAMPLINGS = ("local", "weight")
