@@ -12,7 +12,7 @@ Running the experiments is :mod:`abmll.experiments`; the run directory and resul
 """
 
 from .results import Problem, ResultSet, RunResult, load_results
-from .stats import Summary, moving_average, student_t_sf, summarize, welch_t_test
+from .stats import Summary, moving_average, summarize, welch_t_test
 from .tables import Table, mark_best, table1, table2, table3
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "load_results",
     "Summary",
     "moving_average",
-    "student_t_sf",
     "summarize",
     "welch_t_test",
     "Table",

@@ -1,8 +1,8 @@
 """Small statistics for the tables: mean ± standard error, Welch's t-test, moving average.
 
-The Student-t tail probability is SciPy's (the field's standard); Welch's statistic and
-degrees of freedom are written out so that the degenerate cases (zero variance, n < 2) say
-what they mean instead of returning NaN.
+Welch's test is SciPy's ``ttest_ind(equal_var=False)`` (the field's standard); only the
+degenerate cases (zero variance in both samples, n < 2), where SciPy returns NaN, are answered
+here, so that they say what they mean.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Iterable, List, Optional, Sequence
 __all__ = [
     "Summary",
     "summarize",
-    "student_t_sf",
     "welch_t_test",
     "moving_average",
 ]
@@ -53,15 +52,6 @@ def summarize(values: Iterable[float]) -> Optional[Summary]:
     return Summary(mean, std, std / math.sqrt(n), n, tuple(vals))
 
 
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with ``df`` degrees of freedom (SciPy's ``t.sf``)."""
-    if not df > 0:
-        raise ValueError(f"student_t_sf: df must be > 0, got {df}")
-    from scipy.stats import t as student_t
-
-    return float(student_t.sf(t, df))
-
-
 @dataclass(frozen=True)
 class WelchResult:
     t: float
@@ -79,16 +69,15 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Optional[WelchResult
     sa, sb = summarize(a), summarize(b)
     if sa is None or sb is None or sa.n < 2 or sb.n < 2:
         return None
-    va, vb = sa.std**2 / sa.n, sb.std**2 / sb.n
-    diff = sa.mean - sb.mean
-    if va + vb == 0.0:
+    if sa.std == 0.0 and sb.std == 0.0:
+        diff = sa.mean - sb.mean
         if diff == 0.0:
             return WelchResult(0.0, float("inf"), 1.0)
         return WelchResult(math.copysign(float("inf"), diff), float("inf"), 0.0)
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
-    p = min(1.0, 2.0 * student_t_sf(abs(t), df))
-    return WelchResult(t, df, p)
+    from scipy.stats import ttest_ind
+
+    res = ttest_ind(sa.values, sb.values, equal_var=False)
+    return WelchResult(float(res.statistic), float(res.df), float(res.pvalue))
 
 
 def moving_average(values: Sequence[float], window: int = 3) -> List[float]:
