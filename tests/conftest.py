@@ -26,9 +26,51 @@ def tune_run(*args: str, cwd=None, timeout: int = 300, nproc: int = 1, env=None)
     )
 
 
+def recipe_in_process(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """What `tune run abmll_recipe ARGS` does, in this process: the same argument handling
+    (`--config` short names, torchtune's `config.parse`), the recipe's exit status, and its
+    stdout and stderr (print, tqdm and log lines) captured. A `tune run` costs ~10 s of imports
+    on a 2-core CPU before the recipe starts; most tests need the recipe, not the launcher.
+    The recipe seeds every random number it draws, so a run here gives a subprocess run's
+    numbers (tests compare the two: test_adapt, test_scripts_smoke)."""
+    import contextlib
+    import io
+    import logging
+
+    import abmll_recipe
+    from abmll.config_registry import resolve_config_arg
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    root = logging.getLogger()
+    saved_argv, saved_cwd, code = sys.argv, os.getcwd(), 0
+    root.addHandler(handler)
+    try:
+        os.chdir(cwd or saved_cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                sys.argv = resolve_config_arg(["abmll_recipe", *args])
+                abmll_recipe.recipe_main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        root.removeHandler(handler)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["abmll_recipe", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def run_recipe(tmp_path):
-    def _run(*args: str, **kw):
-        return tune_run(*args, cwd=kw.pop("cwd", tmp_path), **kw)
+    """Run the recipe as `tune run` would: in this process (:func:`recipe_in_process`), or with
+    ``launcher=True`` (or several processes, or another environment) through `tune run` itself."""
+
+    def _run(*args: str, launcher: bool = False, **kw):
+        cwd = kw.pop("cwd", tmp_path)
+        if launcher or kw.get("nproc", 1) > 1 or kw.get("env") is not None:
+            return tune_run(*args, cwd=cwd, **kw)
+        kw.pop("timeout", None)
+        return recipe_in_process(*args, cwd=cwd)
 
     return _run

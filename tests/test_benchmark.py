@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from abmll.benchmark.measure import time_layer
@@ -42,6 +43,7 @@ def test_time_layer_reports_both_samplings_and_equal_saved_bytes():
     assert res["saved_bytes"]["local"] == res["saved_bytes"]["weight"] == res["saved_bytes"]["lora"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_script_tiny(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TIKTOKEN_CACHE_DIR="")
     proc = subprocess.run(

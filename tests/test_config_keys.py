@@ -20,7 +20,7 @@ from abmll.config_registry import resolve_config
 )
 def test_a_typo_in_each_section_is_refused_with_the_closest_key(run_recipe, tmp_path, override, named, suggested):
     out = tmp_path / "run"
-    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", override)
+    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", override, launcher=override == "epoch=3")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("abmll_recipe: error: config key ") and f"did you mean {suggested}" in last

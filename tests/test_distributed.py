@@ -17,6 +17,8 @@ from abmll.models import gaussian_lora_tiny_llama, lora_tiny_llama, tiny_tokeniz
 from abmll.run_contract import RunDir
 from conftest import tune_run
 
+pytestmark = pytest.mark.slow  # two-process runs (gloo) and their one-process references: not in the quick tier
+
 TESTS = Path(__file__).resolve().parent
 # Each process one thread: two processes on two cores (oversubscribed threads crawl).
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",

@@ -44,6 +44,8 @@ from safetensors.torch import load_file
 
 from test_configs import METHODS  # abmll, regular_lora, structured_lora, reptile, pretrained
 
+pytestmark = pytest.mark.slow  # the llama3_8b configs end to end on a Meta-format checkpoint: not in the quick tier
+
 # original/params.json of Meta-Llama-3-8B-Instruct.
 META_8B_PARAMS = {
     "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the offline default script end to end: not in the quick tier
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -2,6 +2,7 @@
 Llama with the tiny model's base weights plus the PEFT adapter gives the same logits as our
 Gaussian model in mean mode with phi = theta (W0 + the global mean offset)."""
 
+import pytest
 import torch
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.modules.peft import get_adapter_params
@@ -59,6 +60,7 @@ def test_exported_global_mean_adapter_loads_in_peft_and_matches(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_smollm2_export_loads_in_peft_on_transformers_smollm2_and_matches(tmp_path):
     """The real model: SmolLM2-135M (tied embeddings, 9 query / 3 kv heads, so the q and k
     ``lora_B`` rows are permuted with different head counts). Our Gaussian model in mean mode

@@ -2,6 +2,7 @@
 the plumbing, works on a pretrained model). Uses the cached converted checkpoint (fetched
 through pip once) and the built-in tiny tasks, tokenised with SmolLM2's tokenizer."""
 
+import pytest
 import torch
 
 from abmll.data import TaskSampler, load_split
@@ -13,6 +14,8 @@ from abmll.models import (
     smollm2_tokenizer,
 )
 from abmll.modules import set_gaussian_mode
+
+pytestmark = pytest.mark.slow  # training steps on the real SmolLM2-135M: not in the quick tier
 
 
 def _nll(learner, batches):

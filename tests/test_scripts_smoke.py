@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the reproduce scripts end to end on the smoke profile: not in the quick tier
+
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"

@@ -24,6 +24,8 @@ from abmll.models import _smollm2_convert as C  # noqa: E402
 from abmll.models import smollm2 as S  # noqa: E402
 from abmll.modules import GaussianLoRALinear, set_gaussian_mode  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real SmolLM2-135M against transformers: not in the quick tier
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return",
