@@ -4,10 +4,14 @@
 - ``gaussian_kl``: KL(q(phi|D) || p(phi|theta)) for diagonal Gaussians, summed.
 - ``neg_log_prior``: -log p(theta) = -log N(mu_theta; 0, 1) - log Gamma(exp(-lv_theta); a0, b0),
   summed (Ravi & Beatson's simplification of KL(q(theta) || p(theta)); no Jacobian term).
-- ``model_kl`` / ``model_neg_log_prior`` / ``model_kl_and_neg_log_prior``: the same summed over
+- ``model_kl`` / ``model_kl_and_neg_log_prior`` (what training calls): the same summed over
   every ``GaussianLoRALinear`` of a model, built from the low-rank factors in row chunks, so
   that at most one chunk of one layer's dense d_out x d_in matrices exists at a time; their
   gradients are computed analytically in the same pass (no recomputation in the backward).
+
+``gaussian_kl`` and ``neg_log_prior`` are the readable formulas on dense matrices: training does
+not call them; they are the references the fused kernel is tested against
+(``tests/test_objectives.py``), themselves tested against ``torch.distributions``.
 """
 
 from __future__ import annotations
@@ -250,8 +254,8 @@ def _model_terms(model: nn.Module, a0: float, b0: float, chunk_rows: int, want_k
 def model_kl_and_neg_log_prior(
     model: nn.Module, a0: float, b0: float, chunk_rows: int = 1024
 ) -> tuple:
-    """``(model_kl(model), model_neg_log_prior(model, a0, b0))`` from one pass over each row
-    chunk of each layer (the global pairs' dense matrices are built once for both)."""
+    """``(model_kl(model), -log p(theta) summed like it)`` from one pass over each row chunk of
+    each layer (the global pairs' dense matrices are built once for both)."""
     both = _model_terms(model, a0, b0, chunk_rows, True, True, "model_kl_and_neg_log_prior")
     return both[0], both[1]
 
@@ -264,9 +268,3 @@ def model_kl(model: nn.Module, chunk_rows: int = 1024) -> torch.Tensor:
     """
     return _model_terms(model, 1.0, 1.0, chunk_rows, True, False, "model_kl")[0]
 
-
-def model_neg_log_prior(
-    model: nn.Module, a0: float, b0: float, chunk_rows: int = 1024
-) -> torch.Tensor:
-    """-log p(theta) summed over every weight of every Gaussian LoRA layer (global pairs)."""
-    return _model_terms(model, a0, b0, chunk_rows, False, True, "model_neg_log_prior")[1]

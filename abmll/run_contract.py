@@ -56,7 +56,7 @@ __all__ = [
     "RESUME_MUTABLE_KEYS",
     "prepare_output_dir",
     "check_resume_config",
-    "save_checkpoint",
+    "write_checkpoint",
 ]
 
 
@@ -339,7 +339,7 @@ def prepare_output_dir(
     return None
 
 
-def save_checkpoint(run: RunDir, state: Dict[str, Any]) -> None:
+def write_checkpoint(run: RunDir, state: Dict[str, Any]) -> None:
     """Write the recipe state atomically: a stop mid-write leaves the previous checkpoint."""
     import torch
 

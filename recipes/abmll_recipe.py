@@ -63,7 +63,7 @@ from abmll.modules import gaussian_mode
 from abmll.modules.names import clean_name
 from abmll.distributed import Replicas, seed_of
 from abmll.precision import resolve_precision
-from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, save_checkpoint
+from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, write_checkpoint
 
 log = utils.get_logger("INFO")
 
@@ -326,7 +326,7 @@ class ABMLLRecipe:
             "precision": self.precision.record(),
         }
         if self.replicas.is_main:  # the state is the same on every process
-            save_checkpoint(self.run, state)
+            write_checkpoint(self.run, state)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, sampler: TaskSampler, desc: str, *, test: bool = False, predictions: bool = False) -> Dict[str, Any]:
@@ -385,9 +385,7 @@ class ABMLLRecipe:
         """Stop at the first non-finite loss term, naming it: training on would only spread
         NaNs into the adapters, and the last checkpoint (end of the previous epoch) stays good.
         The metrics are the meta-batch's (the same on every process), so all processes stop."""
-        # Without query batches ABMLL reports no query NLL (NaN by construction, not a failure).
-        has_query = getattr(self.learner, "num_query_batches", 0) > 0
-        optional = {"query_nll", "outer_loss"} if not has_query else set()
+        optional = self.learner.metrics_nan_by_construction()  # the learner's own to name
         bad = [k for k, v in metrics.items() if k not in optional and not math.isfinite(v)]
         if bad:
             ckpt = self.run.checkpoint

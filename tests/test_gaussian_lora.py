@@ -217,7 +217,7 @@ def test_local_noise_is_recomputed_identically_under_checkpoint():
 
     torch.manual_seed(7)
     b, a = layer.factors("lv_phi")
-    ref = layer._mean_out(x) + _output_noise(x, a, b, layer.scale, layer.c)  # no checkpoint
+    ref = layer._mean_output(x) + _output_noise(x, a, b, layer.scale, layer.c)  # no checkpoint
     grads_ref = torch.autograd.grad((ref * w).sum(), params)
 
     torch.testing.assert_close(out, ref)
@@ -225,7 +225,7 @@ def test_local_noise_is_recomputed_identically_under_checkpoint():
         torch.testing.assert_close(g, r)
 
     torch.manual_seed(8)  # a different eps changes the variance pair's gradients
-    other = layer._mean_out(x) + _output_noise(x, a, b, layer.scale, layer.c)
+    other = layer._mean_output(x) + _output_noise(x, a, b, layer.scale, layer.c)
     grads_other = torch.autograd.grad((other * w).sum(), params)
     assert not torch.allclose(grads_other[-1], grads_ref[-1])
 

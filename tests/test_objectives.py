@@ -14,7 +14,6 @@ from abmll.objectives import (
     gaussian_kl,
     model_kl,
     model_kl_and_neg_log_prior,
-    model_neg_log_prior,
     neg_log_prior,
 )
 
@@ -75,7 +74,7 @@ def test_model_kl_and_prior_chunked_equal_dense_values_and_gradients(chunk_rows)
     grads_ref = torch.autograd.grad(kl_ref + 1e-3 * prior_ref, params)
 
     kl = model_kl(model, chunk_rows=chunk_rows)
-    prior = model_neg_log_prior(model, 1.0, 0.01, chunk_rows=chunk_rows)
+    prior = model_kl_and_neg_log_prior(model, 1.0, 0.01, chunk_rows=chunk_rows)[1]
     grads = torch.autograd.grad(kl + 1e-3 * prior, params)
 
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-3)
@@ -97,7 +96,7 @@ def test_fused_kl_and_prior_equal_the_separate_functions_and_the_dense_reference
     for w_kl, w_prior in ((1.0, 1e-3), (-0.5, 2e-3)):
         kl, prior = model_kl_and_neg_log_prior(model, a0, b0, chunk_rows=chunk_rows)
         kl_sep = model_kl(model, chunk_rows=chunk_rows)
-        prior_sep = model_neg_log_prior(model, a0, b0, chunk_rows=chunk_rows)
+        prior_sep = model_kl_and_neg_log_prior(model, a0, b0, chunk_rows=chunk_rows)[1]  # the prior's output alone
         torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(prior, prior_ref, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(kl, kl_sep)

@@ -267,14 +267,14 @@ def test_reset_inner_optimizer_starts_each_episode_with_fresh_adamw_state(sample
     model, learner = _learner(reset_inner_optimizer=reset)
     k = learner.inner_steps
     steps_at_start = []
-    real = learner._sgd_steps
+    real = learner._optimizer_steps
 
     def sgd_steps(optimizer, batches, loss_fn):
         state = [optimizer.state.get(p, {}).get("step", 0) for p in learner.phi]
         steps_at_start.append({int(s) for s in state})
         return real(optimizer, batches, loss_fn)
 
-    monkeypatch.setattr(learner, "_sgd_steps", sgd_steps)
+    monkeypatch.setattr(learner, "_optimizer_steps", sgd_steps)
     for ep in list(learner.episodes(sampler, epoch=1, seed=0))[:2]:
         learner.train_episode(ep)
     assert steps_at_start[0] == {0}

@@ -87,7 +87,7 @@ class _AnswerInfo:
 _CACHE: dict[tuple[int, bool], tuple[Any, _AnswerInfo]] = {}
 
 
-def _probe(tokenizer, chat_template: bool) -> _AnswerInfo:
+def _answer_letters(tokenizer, chat_template: bool) -> _AnswerInfo:
     key = (id(tokenizer), bool(chat_template))
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is tokenizer:
@@ -140,7 +140,7 @@ def option_token_ids(tokenizer, chat_template: bool = False) -> list[int]:
     Found by tokenizing one dummy example per letter; raises ``ValueError`` if a letter is not
     a single token there or the tokens before it differ between letters.
     """
-    return list(_probe(tokenizer, chat_template).letter_ids)
+    return list(_answer_letters(tokenizer, chat_template).letter_ids)
 
 
 def _build(example: MCExample, tokenizer, chat_template: bool, info: _AnswerInfo):
@@ -169,7 +169,7 @@ def tokenize_example(example: MCExample, tokenizer, max_seq_len: int, chat_templ
     (``example.input``); the header, the choices and the answer are never cut. If even an empty
     question does not fit, raises ``ValueError`` naming the task and ``max_seq_len``.
     """
-    info = _probe(tokenizer, chat_template)
+    info = _answer_letters(tokenizer, chat_template)
     tokens, pos = _build(example, tokenizer, chat_template, info)
     if len(tokens) > max_seq_len:
         text = example.input

@@ -9,10 +9,10 @@ from torch import nn
 from torchtune import utils
 
 from abmll.distributed import LOCAL
-from abmll.learners.base import Batch, Episode, Learner, _check_positive
+from abmll.learners.base import Batch, Episode, Learner, _check_non_negative, _check_positive
 from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
 from abmll.modules.names import clean_name
-from abmll.objectives import model_kl, model_kl_and_neg_log_prior, model_neg_log_prior
+from abmll.objectives import model_kl, model_kl_and_neg_log_prior
 
 log = utils.get_logger("INFO")
 
@@ -91,10 +91,10 @@ class ABMLL(Learner):
             )
         _check_positive("inner_lr", inner_lr)
         _check_positive("outer_lr", outer_lr)
-        _check_positive("beta", beta, allow_zero=True)
+        _check_non_negative("beta", beta)
         _check_positive("a0", a0)
         _check_positive("b0", b0)
-        _check_positive("num_query_batches", num_query_batches, allow_zero=True)
+        _check_non_negative("num_query_batches", num_query_batches)
         _check_positive("kl_chunk_rows", kl_chunk_rows)
         self.inner_lr = float(inner_lr)
         self.outer_lr = float(outer_lr)
@@ -139,9 +139,6 @@ class ABMLL(Learner):
     def kl(self) -> torch.Tensor:
         return model_kl(self.model, self.kl_chunk_rows)
 
-    def neg_log_prior(self) -> torch.Tensor:
-        return model_neg_log_prior(self.model, self.a0, self.b0, self.kl_chunk_rows)
-
     def inner_loss(self, batch: Batch):
         nll = self.nll(batch)
         kl = self.kl()
@@ -151,6 +148,10 @@ class ABMLL(Learner):
 
     def adaptation_params(self) -> List[nn.Parameter]:
         return self.phi
+
+    def metrics_nan_by_construction(self) -> set:
+        # Without query batches there is no query NLL to report.
+        return {"query_nll", "outer_loss"} if self.num_query_batches == 0 else set()
 
     def _train_only(self, params: List[nn.Parameter]) -> None:
         keep = {id(p) for p in params}
@@ -193,7 +194,7 @@ class ABMLL(Learner):
         if self.reset_inner_optimizer:
             self.inner_optimizer = self._adamw(self.phi, self.inner_lr)
         self._train_only(self.phi)
-        return self._sgd_steps(self.inner_optimizer, support, self.inner_loss)
+        return self._optimizer_steps(self.inner_optimizer, support, self.inner_loss)
 
     def _outer_gradient(self, query: List[Batch]) -> Dict[str, float]:
         """Backward of ``NLL(query; phi_K) + beta*(KL + -log p(theta))`` into theta.grad

@@ -55,11 +55,14 @@ class Episode:
         return sum(int(b["tokens"].numel()) for b in self.support + self.query)
 
 
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"learner.{name} must be {bound}, got {value}")
+def _check_positive(name: str, value) -> None:
+    if not value > 0:
+        raise ValueError(f"learner.{name} must be > 0, got {value}")
+
+
+def _check_non_negative(name: str, value) -> None:
+    if not value >= 0:
+        raise ValueError(f"learner.{name} must be >= 0, got {value}")
 
 
 class Learner:
@@ -85,8 +88,8 @@ class Learner:
         meta_batch_size: int = 1,
     ):
         _check_positive("inner_steps", inner_steps)
-        _check_positive("test_lr", test_lr, allow_zero=True)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_non_negative("test_lr", test_lr)
+        _check_non_negative("weight_decay", weight_decay)
         _check_positive("meta_batch_size", meta_batch_size)
         self.meta_batch_size = int(meta_batch_size)
         self.inner_steps = int(inner_steps)
@@ -234,7 +237,13 @@ class Learner:
         with self.autocast():
             return model_answer_nll(self.model, tokens, labels)
 
-    def _sgd_steps(self, optimizer, batches: List[Batch], loss_fn) -> List[Dict[str, float]]:
+    def metrics_nan_by_construction(self) -> set:
+        """Names of this learner's step metrics that are NaN by construction in its current
+        setting (not a failure: the recipe's finiteness check skips them)."""
+        return set()
+
+    def _optimizer_steps(self, optimizer, batches: List[Batch], loss_fn) -> List[Dict[str, float]]:
+        """One step of ``optimizer`` (the learners use AdamW) per batch of ``loss_fn``."""
         logs = []
         for batch in batches:
             loss, parts = loss_fn(batch)
@@ -266,7 +275,7 @@ class Learner:
             p.requires_grad_(id(p) in trainable)
         try:
             optimizer = self._adamw(params, self.test_lr)
-            self._sgd_steps(optimizer, support, self.adaptation_loss)
+            self._optimizer_steps(optimizer, support, self.adaptation_loss)
             yield
         finally:
             with torch.no_grad():

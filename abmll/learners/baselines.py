@@ -157,7 +157,7 @@ class Reptile(StructuredLoRA):
         for episode in episodes:
             with episode.rng(self.device):
                 self.optimizer = self._adamw(self.adapter_params.values(), self.lr)
-                logs.append(_mean_nll(self._sgd_steps(self.optimizer, episode.support, self.adaptation_loss)))
+                logs.append(_mean_nll(self._optimizer_steps(self.optimizer, episode.support, self.adaptation_loss)))
             with torch.no_grad():
                 for k, p in self.adapter_params.items():
                     moves[k] += p - theta[k]

@@ -157,12 +157,12 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
                 )
 
     # --- forward ---------------------------------------------------------------------------
-    def _mean_out(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        b, a = self.factors("mu_phi")
-        return out + self.scale * F.linear(F.linear(x, a), b)
+    def _mean_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output in mean mode: ``W0 x + bias`` plus :meth:`_mean_offset`."""
+        return F.linear(x, self.weight, self.bias) + self._mean_offset(x)
 
-    def _mu_out(self, x: torch.Tensor) -> torch.Tensor:
+    def _mean_offset(self, x: torch.Tensor) -> torch.Tensor:
+        """The task mean's LoRA term alone, ``scale * B_mu_phi A_mu_phi x`` (no W0)."""
         b, a = self.factors("mu_phi")
         return self.scale * F.linear(F.linear(x, a), b)
 
@@ -170,12 +170,12 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         if self.mode not in MODES:
             raise ValueError(f"GaussianLoRALinear.mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "mean":
-            return self._mean_out(x)
+            return self._mean_output(x)
         if torch.is_grad_enabled():
             if self.sampling == "local":
                 b, a = self.factors("lv_phi")
                 noise = checkpoint(_output_noise, x, a, b, self.scale, self.c, use_reentrant=False)
-                return self._mean_out(x) + noise
+                return self._mean_output(x) + noise
             if self.sampling == "weight":
                 b, a = self.factors("lv_phi")
                 seed = _draw_seed()
@@ -184,7 +184,7 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
                 )
                 if self.bias is not None:
                     out = out + self.bias
-                return out + self._mu_out(x)
+                return out + self._mean_offset(x)
             raise ValueError(
                 f"GaussianLoRALinear.sampling must be one of {SAMPLINGS}, got {self.sampling!r}"
             )
@@ -192,8 +192,8 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         # (a bf16 log-variance near c = -20 has a resolution of 0.125).
         noise = self.sample_weight_noise()
         if _can_fold(x):  # W0 resolves the noise: one matmul
-            return F.linear(x, (self.weight + noise).to(x.dtype), self.bias) + self._mu_out(x)
-        return self._mean_out(x) + F.linear(x, noise.to(x.dtype))
+            return F.linear(x, (self.weight + noise).to(x.dtype), self.bias) + self._mean_offset(x)
+        return self._mean_output(x) + F.linear(x, noise.to(x.dtype))
 
     def sample_weight_noise(self) -> torch.Tensor:
         """One float32 sample of ``W - (W0 + mu_phi)`` = ``exp(lv_phi / 2) * eps`` (evaluation)."""
