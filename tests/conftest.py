@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ["TIKTOKEN_CACHE_DIR"] = ""
+from abmll.cache import OFFLINE_ENV  # no torch import: cheap
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ["TIKTOKEN_CACHE_DIR"] = ""  # whatever the user's shell says (torchtune 0.6.1 quirk)
 
 REPO = Path(__file__).resolve().parents[1]
 

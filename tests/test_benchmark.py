@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from abmll.benchmark.measure import time_layer
-from abmll.benchmark.probes import _SavedTensorMeter
+from abmll.cache import OFFLINE_ENV
+from abmll.benchmark.probes import SavedTensorMeter
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -19,7 +20,7 @@ def test_saved_tensor_meter_counts_only_tensors_alive_at_once():
     """Two steps in a row: the first step's tensors are freed by its backward, so the peak is
     one step's, not the sum (a count kept per forward would add stale tensors)."""
     lin = torch.nn.Linear(16, 16)
-    meter = _SavedTensorMeter(lin, list(lin.parameters()))
+    meter = SavedTensorMeter(lin, list(lin.parameters()))
     x = torch.randn(8, 16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         for _ in range(2):
@@ -45,7 +46,7 @@ def test_time_layer_reports_both_samplings_and_equal_saved_bytes():
 
 @pytest.mark.slow
 def test_benchmark_script_tiny(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TIKTOKEN_CACHE_DIR="")
+    env = dict(os.environ, **OFFLINE_ENV)
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "benchmark.py"), "--config-pair", "tiny", "--seq-len", "32",
          "--rounds", "1", "--warmup", "0", "--threads", "1", "--layer-shape", "48x32", "--layer-tokens", "8",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from abmll.cache import OFFLINE_ENV
+
 pytestmark = pytest.mark.slow  # the offline default script end to end: not in the quick tier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_offline_default_on_tiny_configs_writes_both_runs_and_prints_the_table(tmp_path):
     out = tmp_path / "default"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TIKTOKEN_CACHE_DIR="")
+    env = dict(os.environ, **OFFLINE_ENV)
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "offline_default.py"), "--out", str(out),
          "--config-prefix", "tiny", "data.max_eval_examples_per_task=4"],

@@ -3,6 +3,7 @@ packaged configs and the split definitions: package discovery leaves nothing out
 
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,14 @@ print(len(packaged_configs()))
 
 @pytest.mark.slow
 def test_a_non_editable_install_imports_every_module_and_finds_the_configs(tmp_path):
+    # setuptools builds in the source folder (build/, *.egg-info): build from a copy.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "results", "outputs", "*.egg-info", "__pycache__", ".pytest_cache"))
     target = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-         "--target", str(target), str(REPO)],
+         "--target", str(target), str(source)],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from abmll.cache import OFFLINE_ENV
+
 pytestmark = pytest.mark.slow  # the reproduce scripts end to end on the smoke profile: not in the quick tier
 
 
@@ -23,7 +25,7 @@ SCRIPTS = REPO / "scripts"
 
 
 def script(name, *args, timeout=900, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TIKTOKEN_CACHE_DIR="")
+    env = dict(os.environ, **OFFLINE_ENV)
     return subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,

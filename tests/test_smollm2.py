@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from torchtune.data import Message
 
-from torchtune.data import Message  # noqa: E402
-
-from abmll.models import _smollm2_convert as C  # noqa: E402
-from abmll.models import smollm2 as S  # noqa: E402
-from abmll.modules import GaussianLoRALinear, set_gaussian_mode  # noqa: E402
+from abmll.models import _smollm2_convert as C
+from abmll.models import smollm2 as S
+from abmll.modules import GaussianLoRALinear, set_gaussian_mode
 
 pytestmark = pytest.mark.slow  # the real SmolLM2-135M against transformers: not in the quick tier
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from abmll.benchmark.report import benchmark_report, report
-from abmll.benchmark.workers import MARK, _run_call, call_worker, run_worker
+from abmll.benchmark.workers import MARK, run_call, call_worker, run_worker
 
 PAIRS = ("tiny", "smollm2_135m", "llama3_8b")
 #: ``scripts/benchmark_memory.py``'s description.
@@ -43,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     if args.call:
-        return _run_call(args.call)
+        return run_call(args.call)
     if args.worker:
         from abmll.benchmark.measure import measure
 

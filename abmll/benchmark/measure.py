@@ -22,8 +22,8 @@ import resource
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from abmll.benchmark.probes import _rss_bytes, _RssSampler, _SavedTensorMeter
-from abmll.benchmark.runner import _num_query, _random_batch, _sampling_of, _sync, build
+from abmll.benchmark.probes import rss_bytes, RssSampler, SavedTensorMeter
+from abmll.benchmark.runner import num_query, random_batch, sampling_of, sync, build
 from abmll.modules import DEFAULT_C
 
 def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, seq_len: Optional[int] = None,
@@ -43,7 +43,7 @@ def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, se
     vocab = model.tok_embeddings.num_embeddings
     gen = torch.Generator().manual_seed(0)
     k = learner.inner_steps
-    n_query = _num_query(learner)
+    n_query = num_query(learner)
 
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -60,22 +60,22 @@ def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, se
         "episodes": episodes,
         "inner_steps": k,
         "activation_checkpointing": bool(cfg.get("enable_activation_checkpointing", False)),
-        "sampling": _sampling_of(model),
+        "sampling": sampling_of(model),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
     }
-    meter = _SavedTensorMeter(model, params)
+    meter = SavedTensorMeter(model, params)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     t0 = time.perf_counter()
-    with _RssSampler() as sampler, torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    with RssSampler() as sampler, torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         for i in range(episodes):
-            support = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
-            query = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
+            support = [random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
+            query = [random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
             learner.train_episode(Episode(f"memory{i}", support, query))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -120,7 +120,7 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     ``configs`` maps a method label to a config, in the order they run in each round (ABMLL then
     Regular LoRA). Every round draws one set of random batches and runs one episode of each
     method on them; the first ``warmup`` rounds are not timed. Then one more episode of each runs
-    under ``_SavedTensorMeter`` (the saved-for-backward peak; not timed).
+    under ``SavedTensorMeter`` (the saved-for-backward peak; not timed).
     """
     import torch
 
@@ -137,31 +137,31 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     if len(set(k_steps.values())) != 1:
         raise ValueError(f"the methods take different numbers of steps per episode: {k_steps}")
     k = next(iter(k_steps.values()))
-    n_query = max(_num_query(b[2]) for b in built.values())
+    n_query = max(num_query(b[2]) for b in built.values())
     times: Dict[str, list] = {label: [] for label in built}
 
     def episode(r: int) -> "Episode":
         gen = torch.Generator().manual_seed(1000 + r)
-        support = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
-        query = [_random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
+        support = [random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(k)]
+        query = [random_batch(batch_size, seq_len, vocab, dev, gen) for _ in range(n_query)]
         return Episode(f"bench{r}", support, query)
 
     for r in range(warmup + rounds):
         ep = episode(r)
         for label, (_, _, learner, _, _) in built.items():
-            q = ep.query[: _num_query(learner)]
-            _sync(dev)
+            q = ep.query[: num_query(learner)]
+            sync(dev)
             t0 = time.perf_counter()
             learner.train_episode(Episode(ep.task, ep.support, q))
-            _sync(dev)
+            sync(dev)
             if r >= warmup:
                 times[label].append(time.perf_counter() - t0)
     saved: Dict[str, int] = {}
     ep = episode(warmup + rounds)
     for label, (_, model, learner, _, _) in built.items():
-        meter = _SavedTensorMeter(model, list(model.parameters()))
+        meter = SavedTensorMeter(model, list(model.parameters()))
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            learner.train_episode(Episode(ep.task, ep.support, ep.query[: _num_query(learner)]))
+            learner.train_episode(Episode(ep.task, ep.support, ep.query[: num_query(learner)]))
         meter.close()
         saved[label] = meter.peak
     return {
@@ -173,12 +173,12 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
         "batch_size": batch_size,
         "seq_len": seq_len,
         "inner_steps": k,
-        "query_batches": {label: _num_query(b[2]) for label, b in built.items()},
+        "query_batches": {label: num_query(b[2]) for label, b in built.items()},
         "rounds": rounds,
         "warmup": warmup,
         "support_tokens_per_episode": k * batch_size * seq_len,
         "models": {label: b[0].model._component_ for label, b in built.items()},
-        "sampling": {label: _sampling_of(b[1]) for label, b in built.items()},
+        "sampling": {label: sampling_of(b[1]) for label, b in built.items()},
         "activation_checkpointing": bool(cfg0.get("enable_activation_checkpointing", False)),
         "episode_seconds": times,
         "saved_for_backward_peak_bytes": saved,
@@ -221,7 +221,7 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
 
     saved = {}
     for label, layer in layers.items():
-        meter = _SavedTensorMeter(layer, list(layer.parameters()))
+        meter = SavedTensorMeter(layer, list(layer.parameters()))
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             out = layer(x)
         out.backward(cot)
@@ -229,10 +229,10 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
     times: Dict[str, list] = {label: [] for label in layers}
     for r in range(warmup + rounds):
         for label, layer in layers.items():
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             step(layer)
-            _sync(dev)
+            sync(dev)
             if r >= warmup:
                 times[label].append(time.perf_counter() - t0)
     return {"d_out": d_out, "d_in": d_in, "tokens": tokens, "dtype": dtype, "device": str(dev),

@@ -1,8 +1,8 @@
 """Memory probes used while an episode runs: peak RSS of this process and the bytes autograd
 holds saved for backward.
 
-* ``_RssSampler``: peak resident set size, sampled every 2 ms from /proc/self/statm.
-* ``_SavedTensorMeter``: the largest number of bytes autograd held saved for backward at once
+* ``RssSampler``: peak resident set size, sampled every 2 ms from /proc/self/statm.
+* ``SavedTensorMeter``: the largest number of bytes autograd held saved for backward at once
   (unique storages, parameters excluded, each from when autograd saves it until autograd frees
   it), to be used with ``torch.autograd.graph.saved_tensors_hooks``. (Under activation
   checkpointing, tensors saved inside a checkpointed block are held by the checkpoint, not
@@ -20,7 +20,7 @@ from typing import Dict
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE
@@ -28,16 +28,16 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _RssSampler:
+class RssSampler:
     def __init__(self, interval: float = 0.002):
         self.interval = interval
-        self.peak = _rss_bytes()
+        self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -47,11 +47,11 @@ class _RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, rss_bytes())
 
 
 class _Packed:
-    """What autograd stores in place of a saved tensor while ``_SavedTensorMeter`` is active:
+    """What autograd stores in place of a saved tensor while ``SavedTensorMeter`` is active:
     a detached alias of the tensor (the same storage; no reference back to the graph, so no
     reference cycle through a saved output), and the release of its count when autograd frees
     it. First-order gradients only (the alias has no grad_fn)."""
@@ -66,7 +66,7 @@ class _Packed:
             self.meter._release(self.key)
 
 
-class _SavedTensorMeter:
+class SavedTensorMeter:
     """Largest total of unique non-parameter storages saved for backward and alive at once.
 
     Each saved tensor is counted from when autograd saves it until autograd frees it (its graph

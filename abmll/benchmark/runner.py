@@ -21,11 +21,13 @@ def _load_config(name: str, overrides: Sequence[str]):
     return cfg
 
 
-def _random_batch(batch_size: int, seq_len: int, vocab: int, device, generator):
+def random_batch(batch_size: int, seq_len: int, vocab: int, device, generator):
     import torch
 
     tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-    labels = torch.full_like(tokens, -100)
+    from abmll.data.prompt import IGNORE_INDEX
+
+    labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[:, -1] = tokens[:, -1]
     return {"tokens": tokens.to(device), "labels": labels.to(device)}
 
@@ -76,18 +78,18 @@ def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = Fa
     return cfg, model, learner, dev, precision
 
 
-def _num_query(learner) -> int:
+def num_query(learner) -> int:
     return int(getattr(learner, "num_query_batches", 0)) if type(learner).__name__ == "ABMLL" else 0
 
 
-def _sync(dev) -> None:
+def sync(dev) -> None:
     import torch
 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def _sampling_of(model) -> Optional[str]:
+def sampling_of(model) -> Optional[str]:
     from abmll.modules import gaussian_lora_modules
 
     found = {m.sampling for _, m in gaussian_lora_modules(model)}

@@ -2,7 +2,7 @@
 result, so that no method sees another's allocations or warm caches.
 
 The parent side (``call_worker``, ``run_worker``) starts the worker with offline Hugging Face
-settings and, optionally, a thread count; the worker side (``_run_call``, and the ``--worker``
+settings and, optionally, a thread count; the worker side (``run_call``, and the ``--worker``
 branch of :func:`abmll.benchmark.cli.main`) prints one ``MARK`` line of JSON.
 """
 
@@ -22,10 +22,9 @@ _CALLABLE = ("measure", "time_pair", "time_layer")
 
 
 def _worker_env(threads: Optional[int] = None) -> Dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TIKTOKEN_CACHE_DIR", "")
+    from abmll.cache import offline_env
+
+    env = offline_env()
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
@@ -48,7 +47,7 @@ def call_worker(fn: str, kwargs: Dict[str, Any], threads: Optional[int] = None, 
     return _run(cmd, _worker_env(threads), f"worker {fn} {what}")
 
 
-def _run_call(payload: str) -> int:
+def run_call(payload: str) -> int:
     spec = json.loads(payload)
     if spec["fn"] not in _CALLABLE:
         raise ValueError(f"unknown worker function {spec['fn']!r}")

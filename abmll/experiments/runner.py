@@ -120,10 +120,9 @@ class _Runner:
 
 
 def child_env(jobs: int) -> Dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TIKTOKEN_CACHE_DIR", "")
+    from abmll.cache import offline_env
+
+    env = offline_env()
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         # Parallel runs share the cores; oversubscribed torch threads slow everything down.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
