@@ -24,7 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from abmll.modules import gaussian_lora_modules
+from abmll.modules import PHI_PAIRS, THETA_PAIRS, gaussian_lora_modules
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -123,8 +123,8 @@ def neg_log_prior(
 # dKL/dlv_p = -(exp(dlv) - 1)/2 - dmu^2 exp(-lv_p)/2, dprior/dlv_p = a0 - 1 - b0 exp(-lv_p);
 # each goes to its factors as dB = s G A^T, dA = s B^T G.
 
-#: Order of the factors ``KLPriorFunction`` takes (each pair as ``(B, A)``).
-_KL_ORDER = ("mu_phi", "lv_phi", "mu_theta", "lv_theta")
+#: Order of the factors ``KLPriorFunction`` takes (each pair as ``(B, A)``): phi's, then theta's.
+_KL_ORDER = PHI_PAIRS + THETA_PAIRS
 
 
 def _row_chunks(n_rows: int, chunk_rows: int):

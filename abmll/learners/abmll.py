@@ -123,14 +123,9 @@ class ABMLL(Learner):
         self.theta: List[nn.Parameter] = [p for m in layers for p in m.pair_params(THETA_PAIRS)]
         self.phi: List[nn.Parameter] = [p for m in layers for p in m.pair_params(PHI_PAIRS)]
         self.layers = layers
-        # (theta, phi) factor pairs, matched by name as copy_theta_to_phi matches them:
+        # (theta, phi) factor pairs, as the layer pairs them for copy_theta_to_phi:
         # first_order adds each phi factor's gradient into its theta factor.
-        self.theta_phi_pairs = [
-            (getattr(m, f"lora_{t}_{ab}").weight, getattr(m, f"lora_{f}_{ab}").weight)
-            for m in layers
-            for t, f in zip(THETA_PAIRS, PHI_PAIRS)
-            for ab in ("a", "b")
-        ]
+        self.theta_phi_pairs = [pair for m in layers for pair in m.theta_phi_factors()]
         self.inner_optimizer = self._adamw(self.phi, self.inner_lr)
         self.outer_optimizer = self._adamw(self.theta, self.outer_lr)
         log.info(f"ABMLL outer step: outer_gradient={self.outer_gradient}")

@@ -147,14 +147,20 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         out = self.scale * (b[rows] @ a)
         return out + self.c if name.startswith("lv") else out
 
+    def theta_phi_factors(self) -> List[Tuple[nn.Parameter, nn.Parameter]]:
+        """Every theta factor with its phi counterpart (mu_theta's A with mu_phi's A, ...): the
+        one pairing that the copy phi <- theta and the first-order outer step use."""
+        return [
+            (getattr(self, f"lora_{t}_{ab}").weight, getattr(self, f"lora_{f}_{ab}").weight)
+            for t, f in zip(THETA_PAIRS, PHI_PAIRS)
+            for ab in ("a", "b")
+        ]
+
     @torch.no_grad()
     def copy_theta_to_phi(self) -> None:
         """phi <- theta for all four matrices (end of Algorithm 1's outer loop)."""
-        for src, dst in (("mu_theta", "mu_phi"), ("lv_theta", "lv_phi")):
-            for ab in ("a", "b"):
-                getattr(self, f"lora_{dst}_{ab}").weight.copy_(
-                    getattr(self, f"lora_{src}_{ab}").weight
-                )
+        for theta, phi in self.theta_phi_factors():
+            phi.copy_(theta)
 
     # --- forward ---------------------------------------------------------------------------
     def _mean_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,6 +334,26 @@ def gaussian_lora_modules(model: nn.Module) -> Iterator[Tuple[str, GaussianLoRAL
     for name, module in model.named_modules():
         if isinstance(module, GaussianLoRALinear):
             yield name, module
+
+
+def set_c_from_base_weights(model: nn.Module, relative_std: float) -> dict:
+    """Per layer, ``c = 2 log(relative_std * std(W0))``: at initialisation (B = 0, so every
+    log-variance is c) a weight sample's noise std is ``relative_std`` times the spread of that
+    layer's pretrained weights, instead of one fixed c for every layer (the paper calls c
+    "dependent on the spread of pretrained LLM weights"). Call it after the base weights are
+    loaded. Returns {layer name: c}."""
+    if not relative_std > 0:
+        raise ValueError(f"c_relative_std must be > 0, got {relative_std}")
+    from abmll.modules.names import clean_name
+
+    out = {}
+    for name, layer in gaussian_lora_modules(model):
+        spread = layer.weight.detach().float().std().item()
+        if not spread > 0:
+            raise ValueError(f"{clean_name(name)}: its base weight has no spread (std {spread}); set model.c instead")
+        layer.c = 2.0 * math.log(relative_std * spread)
+        out[clean_name(name)] = layer.c
+    return out
 
 
 def set_gaussian_sampling(model: nn.Module, sampling: str) -> None:
