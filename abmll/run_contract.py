@@ -57,6 +57,7 @@ __all__ = [
     "prepare_output_dir",
     "check_resume_config",
     "write_checkpoint",
+    "TEST_METRICS",
 ]
 
 
@@ -200,6 +201,9 @@ class RunDir:
 
 # ------------------------------------------------------------------------------ results record
 _REQUIRED_KEYS = ("method", "split", "seed", "test", "val_at_best")
+#: The test metrics of a results record (``test.mean``, ``test.pooled``, each task of
+#: ``test.per_task``): what :mod:`abmll.evaluation` computes and the reporting reads.
+TEST_METRICS = ("accuracy", "ece", "nll", "brier", "aurc", "acc_at_50", "acc_at_80", "acc_at_90", "mi")
 
 
 def results_record(

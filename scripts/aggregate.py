@@ -5,11 +5,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
-
-from abmll.reporting.aggregate import main  # noqa: E402
+from abmll.reporting.aggregate import main
 
 if __name__ == "__main__":
     sys.exit(main())

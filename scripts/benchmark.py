@@ -13,11 +13,8 @@ Random weights unless ``--load-weights``. The shared logic is in ``abmll/benchma
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
-
-from abmll.benchmark.cli import benchmark_main  # noqa: E402
+from abmll.benchmark.cli import benchmark_main
 
 if __name__ == "__main__":
     sys.exit(benchmark_main())

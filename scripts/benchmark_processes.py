@@ -10,11 +10,8 @@ The logic is in ``abmll/benchmark/processes.py``.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
-
-from abmll.benchmark.processes import main  # noqa: E402
+from abmll.benchmark.processes import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,11 +7,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
-
-from abmll.experiments import main  # noqa: E402
+from abmll.experiments import main
 
 if __name__ == "__main__":
     sys.exit(main("table2"))

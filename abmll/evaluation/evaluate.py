@@ -25,10 +25,11 @@ from abmll.evaluation.metrics import classification_metrics, option_probs
 from abmll.evaluation.uncertainty import apply_temperature, decompose, fit_temperature
 from abmll.modules import gaussian_mode
 from abmll.objectives import final_hidden_states, logits_at
+from abmll.run_contract import TEST_METRICS
 
 Batch = Dict[str, torch.Tensor]
 #: Metrics averaged over tasks (``mean``); every one is also computed on the pooled examples.
-METRICS = ("accuracy", "ece", "nll", "brier", "aurc", "acc_at_50", "acc_at_80", "acc_at_90", "mi")
+METRICS = TEST_METRICS
 #: The metrics of the curve over sample counts (``samples_curve``).
 CURVE_METRICS = ("accuracy", "ece", "nll", "brier", "mi")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from abmll.reporting.results import default_abmll_beta, log10_beta
+from abmll.reporting.results import PAPER_SPLITS, PAPER_TABLE2_SPLITS, default_abmll_beta, log10_beta
 from abmll.run_contract import RunDir
 from abmll.run_contract import method as registry_method
 
@@ -63,8 +63,8 @@ PROFILES: Dict[str, Profile] = {
     "paper": Profile(
         name="paper",
         config_prefix="llama3_8b",
-        splits=("cls45", "cls23", "nli", "para", "mcqa"),
-        table2_splits=("nli", "para", "cls45", "cls23"),
+        splits=PAPER_SPLITS,
+        table2_splits=PAPER_TABLE2_SPLITS,
         table3_split="cls45",
         figure_split="cls45",
         needs_data_dir=True,

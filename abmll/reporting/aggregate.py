@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .figure2 import figure2_csv, figure2_curves, save_figure2_png
-from .results import ResultSet, canonical_method, load_results
+from .results import PAPER_TABLE2_SPLITS, ResultSet, canonical_method, load_results
 from abmll.atomic import atomic_write_text
 
 from .compare import comparison_csv, comparison_markdown, method_runs, per_task_tables, save_acc_vs_ece_png
@@ -153,7 +153,7 @@ def aggregate(
     t2_splits = table2_splits
     if t2_splits is None:  # splits whose runs carry pruning results
         t2_splits = [s for s in results.splits() if any(len(r.pruning) > 1 for r in results.select(split=s))]
-        paper = ["nli", "para", "cls45", "cls23"]  # the paper's Table 2 order
+        paper = PAPER_TABLE2_SPLITS
         t2_splits = sorted(t2_splits, key=lambda s: (paper.index(s) if s in paper else len(paper)))
     t2 = table2(results, t2_splits, methods, alpha=alpha, abmll_beta=abmll_beta)
     t3 = table3(results, table3_splits, alpha=alpha)
