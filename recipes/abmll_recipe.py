@@ -59,7 +59,7 @@ from abmll.evaluation import (
     prune_hidden_units,
     write_predictions,
 )
-from abmll.modules import gaussian_mode
+from abmll.modules import gaussian_mode, set_c_from_base_weights
 from abmll.modules.names import clean_name
 from abmll.distributed import Replicas, seed_of
 from abmll.precision import resolve_precision
@@ -273,6 +273,19 @@ class ABMLLRecipe:
                     f"(missing {bad_missing[:5]}, unexpected {list(unexpected)[:5]})"
                 )
             del state
+        relative_std = cfg.get("c_relative_std", None)
+        if relative_std is not None:
+            # c per layer from the spread of its base weights (docs/notes.md, note 24); after the
+            # weights are loaded, and again identically on resume (c is not a parameter).
+            try:
+                cs = set_c_from_base_weights(model, float(relative_std))
+            except ValueError as err:
+                raise RecipeConfigError(str(err)) from None
+            if cs:
+                log.info(f"c from the base weights (c_relative_std={relative_std}): {min(cs.values()):.2f} to "
+                         f"{max(cs.values()):.2f} over {len(cs)} layers, in place of model.c")
+            else:
+                log.info("c_relative_std: the model has no Gaussian LoRA layers; nothing to set")
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}

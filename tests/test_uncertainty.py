@@ -241,7 +241,9 @@ def test_predictions_on_disk_reproduce_results_json(run_recipe, tmp_path):
     assert res["posterior"]["flip"]["n"] == len(rows)
     post = res["posterior"]
     assert post["c"] == -6 and post["all"]["lv_theta"]["q50"] == pytest.approx(-6, abs=0.5)
-    assert all(set(v) == {"lv_theta", "lv_phi", "rel_noise_std"} for v in post["layers"].values())
+    assert all(set(v) == {"c", "lv_theta", "lv_phi", "rel_noise_std", "lv_phi_minus_c"} and v["c"] == -6
+               for v in post["layers"].values())
+    assert post["all"]["lv_phi_minus_c"]["q50"] == pytest.approx(post["all"]["lv_phi"]["q50"] + 6, abs=1e-6)
     assert all(r["line"] == -1 for r in rows)  # built-in tiny tasks have no file
 
 
@@ -255,3 +257,35 @@ def test_predictions_carry_the_task_files_line(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     examples, _ = read_task_file(path, "t")
     assert [e.line for e in examples] == [1, 3, 4] and examples[1].input == "q1"
+
+
+def test_c_from_the_base_weights_gives_each_layer_the_asked_relative_noise(run_recipe, tmp_path):
+    """c_relative_std = k: per layer c = 2 log(k std(W0)), so at initialisation a weight
+    sample's noise std is k times the spread of that layer's W0 (checked on the drawn noise),
+    layers with different spreads get different c, and a run records them."""
+    from abmll.models import gaussian_lora_tiny_llama
+    from abmll.modules import gaussian_lora_modules, set_c_from_base_weights
+
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_llama(lora_attn_modules=["q_proj", "output_proj"])
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(gaussian_lora_modules(model)):
+            layer.weight.mul_(1 + i)  # different spreads
+    cs = set_c_from_base_weights(model, 0.05)
+    assert len(set(round(c, 6) for c in cs.values())) == len(cs) > 1
+    for _, layer in gaussian_lora_modules(model):
+        w_std = layer.weight.float().std().item()
+        assert layer.c == pytest.approx(2 * math.log(0.05 * w_std), rel=1e-12)
+        noise = layer.sample_weight_noise()
+        assert noise.std().item() == pytest.approx(0.05 * w_std, rel=0.05)
+    with pytest.raises(ValueError, match="c_relative_std must be > 0"):
+        set_c_from_base_weights(model, 0.0)
+
+    out = tmp_path / "run"
+    proc = run_recipe("--config", "tiny/abmll", f"output_dir={out}", "epochs=1", "c_relative_std=0.05",
+                      "data.max_eval_examples_per_task=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "c from the base weights (c_relative_std=0.05)" in proc.stderr
+    post = json.loads((out / "results.json").read_text())["posterior"]
+    assert isinstance(post["c"], list) and len(post["c"]) > 1  # one c per layer, not one for all
+    assert {round(v["c"], 9) for v in post["layers"].values()} == {round(c, 9) for c in post["c"]}

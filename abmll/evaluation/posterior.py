@@ -5,7 +5,8 @@ are: the best epoch's global θ and φ at the end of a run) and reports, per ada
 over all of them, the 1% / 50% / 99% quantiles of
 
 * the learned log-variances ``lv_θ`` and ``lv_φ`` (elementwise over the weight), against ``c``;
-* the relative noise of a weight sample, ``exp(lv_φ / 2) / |W0 + μ_φ|``.
+* the relative noise of a weight sample, ``exp(lv_φ / 2) / |W0 + μ_φ|``;
+* ``lv_φ - c``, how far the variances moved from their start (c may differ per layer).
 
 The flip rate (how often one sample and the mean mode disagree) is measured at test time, by
 :func:`abmll.evaluation.evaluate_unseen_tasks`, and added to the same block by the recipe.
@@ -54,7 +55,8 @@ def posterior_summary(model: nn.Module) -> Optional[Dict[str, object]]:
     """The block ``results.json`` keeps under ``posterior`` (None for a model without Gaussian
     layers): ``c``, ``layers`` {name: {lv_theta, lv_phi, rel_noise_std}}, ``all`` (pooled)."""
     layers: Dict[str, Dict[str, Dict[str, float]]] = {}
-    pooled: Dict[str, List[torch.Tensor]] = {"lv_theta": [], "lv_phi": [], "rel_noise_std": []}
+    pooled: Dict[str, List[torch.Tensor]] = {"lv_theta": [], "lv_phi": [], "rel_noise_std": [],
+                                             "lv_phi_minus_c": []}
     cs = set()
     for name, layer in gaussian_lora_modules(model):
         cs.add(layer.c)
@@ -62,8 +64,10 @@ def posterior_summary(model: nn.Module) -> Optional[Dict[str, object]]:
         lv_phi = layer.dense("lv_phi").float()
         mean_w = layer.weight.float() + layer.dense("mu_phi").float()
         rel = torch.exp(0.5 * lv_phi) / mean_w.abs().clamp_min(1e-30)
-        stats = {"lv_theta": lv_theta, "lv_phi": lv_phi, "rel_noise_std": rel}
-        layers[clean_name(name)] = {k: quantiles(v) for k, v in stats.items()}
+        # lv_phi - c: how far the learned variances moved from where they started, comparable
+        # across layers when c differs between them (c_relative_std).
+        stats = {"lv_theta": lv_theta, "lv_phi": lv_phi, "rel_noise_std": rel, "lv_phi_minus_c": lv_phi - layer.c}
+        layers[clean_name(name)] = {"c": layer.c, **{k: quantiles(v) for k, v in stats.items()}}
         for k, v in stats.items():
             pooled[k].append(_strided(v))
     if not layers:

@@ -6,6 +6,7 @@ from abmll.modules.gaussian_lora import (
     THETA_PAIRS,
     gaussian_lora_modules,
     gaussian_mode,
+    set_c_from_base_weights,
     set_gaussian_mode,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "THETA_PAIRS",
     "gaussian_lora_modules",
     "gaussian_mode",
+    "set_c_from_base_weights",
     "set_gaussian_mode",
 ]
