@@ -68,3 +68,10 @@ def test_benchmark_script_tiny(tmp_path):
     assert timing["seq_len"] == 32 and timing["threads"] == 1
     assert data["memory"]["abmll"]["sampling"] == "weight"
     assert data["memory"]["abmll"]["method"] == "ABMLL"
+
+
+def test_the_command_lines_sampling_choices_are_the_layers():
+    from abmll.benchmark.cli import SAMPLING_CHOICES
+    from abmll.modules.gaussian_lora import SAMPLINGS
+
+    assert SAMPLING_CHOICES == SAMPLINGS

@@ -20,6 +20,9 @@ from abmll.benchmark.report import benchmark_report, report
 from abmll.benchmark.workers import MARK, run_call, call_worker, run_worker
 
 PAIRS = ("tiny", "smollm2_135m", "llama3_8b")
+#: ``abmll.modules.gaussian_lora.SAMPLINGS``, spelled here so that ``--help`` imports no torch
+#: (tests/test_benchmark.py checks that the two agree).
+SAMPLING_CHOICES = ("local", "weight")
 #: ``scripts/benchmark_memory.py``'s description.
 MEMORY_DESCRIPTION = "Peak training memory and speed of ABMLL against Regular LoRA on the same model and batch."
 
@@ -34,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: data.max_seq_len)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
     p.add_argument("--load-weights", action="store_true", help="load the checkpointer's weights (default: random)")
-    p.add_argument("--sampling", choices=("local", "weight"), default=None,
+    p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
                    help="ABMLL's training sampling (default: the model's, local)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write both measurements to this JSON file")
@@ -89,7 +92,7 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
-    p.add_argument("--sampling", choices=("local", "weight"), default=None,
+    p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
                    help="ABMLL's training sampling (default: the model's, local)")
     p.add_argument("--layer-shape", default="4096x4096", help="d_out x d_in of the layer rows (default: "
                    "Llama3-8B's q_proj); 'none' skips them")
