@@ -183,9 +183,9 @@ def adapt_run(
         chat = recipe.sampler_kw["chat_template"]
         max_seq_len = recipe.sampler_kw["max_seq_len"]
         if not truncate:
-            _check_lengths(support_rows, recipe._tokenizer, max_seq_len, chat, Path(support), columns)
-            _check_lengths(query_rows, recipe._tokenizer, max_seq_len, chat, Path(query), columns)
-        sampler = TaskSampler({task: [r.example for r in support_rows + query_rows]}, recipe._tokenizer,
+            _check_lengths(support_rows, recipe.tokenizer, max_seq_len, chat, Path(support), columns)
+            _check_lengths(query_rows, recipe.tokenizer, max_seq_len, chat, Path(query), columns)
+        sampler = TaskSampler({task: [r.example for r in support_rows + query_rows]}, recipe.tokenizer,
                               **recipe.eval_sampler_kw)
         support_batches = sampler.batches(task, list(range(n_support)))
         query_batches = sampler.eval_batches(task, list(range(n_support, n_support + len(query_rows))))
@@ -253,7 +253,7 @@ def adapt_run(
                 record["metrics_ts"] = predictive_metrics(ts[0][mask], labels[mask], dec["mutual_info"][mask], ece_bins)
             answered = mask & ~abstain
             if abstain.any():
-                hits = (probs.argmax(-1) == labels)[answered].double()
+                hits = (dec["probs"].argmax(-1) == labels)[answered].double()  # the rows' pred
                 record["abstain"]["accuracy_answered"] = hits.mean().item() if hits.numel() else None
                 record["abstain"]["answered_labelled"] = int(answered.sum())
         atomic_write_text(out / "adapt.json", json.dumps(record, indent=2))

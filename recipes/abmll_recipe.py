@@ -197,6 +197,11 @@ class ABMLLRecipe:
         self._setup_tokenizer(cfg)
         self._setup_learner(cfg)
 
+    @property
+    def tokenizer(self):
+        """The run's tokenizer (after set-up)."""
+        return self._tokenizer
+
     def _setup_tokenizer(self, cfg: DictConfig) -> None:
         """The compute dtype, the tokenizer, the answer letters' token ids, and how examples
         are tokenized and batched (``sampler_kw`` / ``eval_sampler_kw``)."""
