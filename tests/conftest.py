@@ -34,7 +34,7 @@ def recipe_in_process(*args: str, cwd=None) -> subprocess.CompletedProcess:
     stdout and stderr (print, tqdm and log lines) captured. A `tune run` costs ~10 s of imports
     on a 2-core CPU before the recipe starts; most tests need the recipe, not the launcher.
     The recipe seeds every random number it draws, so a run here gives a subprocess run's
-    numbers (tests compare the two: test_adapt, test_scripts_smoke)."""
+    numbers (test_recipe.py::test_the_in_process_runner_gives_tune_runs_numbers)."""
     import contextlib
     import io
     import logging

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 METHODS = ["abmll", "reptile", "structured_lora", "regular_lora", "pretrained"]
@@ -292,3 +293,16 @@ def test_a_non_finite_loss_stops_the_run_naming_step_task_and_term(run_recipe, t
     assert "non-finite" in line and "at step 1 (epoch 1, task '" in line and "inner_nll=nan" in line
     assert "no checkpoint was written yet" in line
     assert not (out / "results.json").exists()
+
+
+def test_the_in_process_runner_gives_tune_runs_numbers(run_recipe, tmp_path):
+    """The suite runs the recipe in its own process (conftest.recipe_in_process); the same
+    config through `tune run` must give the same test metrics and adapters to the bit."""
+    args = ("--config", "tiny/abmll", "epochs=1", "data.max_eval_examples_per_task=4")
+    _ok(run_recipe(*args, f"output_dir={tmp_path / 'here'}"))
+    _ok(run_recipe(*args, f"output_dir={tmp_path / 'tune'}", launcher=True))
+    here, tune = _results(tmp_path / "here"), _results(tmp_path / "tune")
+    assert here["test"] == tune["test"] and here["history"][0]["train"].keys() == tune["history"][0]["train"].keys()
+    a = load_file(tmp_path / "here" / "adapter_final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "tune" / "adapter_final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
