@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -74,29 +73,25 @@ def _check_lengths(examples, tokenizer, max_seq_len: int, chat: bool, path: Path
 
 def _rows(task: str, query, n_support: int, batches, pred: Dict[str, Any], dec, abstain, ts) -> List[Dict]:
     """One predictions row per query row, in file order."""
+    from abmll.evaluation.evaluate import uncertainty_columns
+
     order = [int(i) - n_support for b in batches for i in b["example"]]  # batch order -> query index
     rows: List[Optional[Dict[str, Any]]] = [None] * len(query)
     for j, q in enumerate(order):
         ex = query[q]
         k = len(ex.example.options)
-        p = dec["probs"][j, :k]  # as the recipe's predictions file (float64 mean of the samples)
         row = {
             "task": task,
             "example": q,
             "line": ex.row,
             "label": ex.example.label if ex.labelled else None,
             "num_options": k,
-            "probs": p.tolist(),
-            "pred": int(p.argmax()),
-            "max_prob": dec["max_prob"][j].item(),
-            "entropy": dec["entropy"][j].item(),
-            "expected_entropy": dec["expected_entropy"][j].item(),
-            "mutual_info": dec["mutual_info"][j].item(),
+            **uncertainty_columns(dec, j, k),  # as the recipe's predictions file
             "input": ex.example.input,
             "options": list(ex.example.options),
-            "answer": ex.example.options[int(p.argmax())],
             "abstain": bool(abstain[j]),
         }
+        row["answer"] = ex.example.options[row["pred"]]
         if "mean_mode" in pred:
             row["probs_mean_mode"] = pred["mean_mode"][j, :k].tolist()
         if ts is not None:
@@ -131,7 +126,7 @@ def adapt_run(
     from abmll.distributed import seed_of
     from abmll.evaluation import sample_counts, write_predictions
     from abmll.evaluation.evaluate import adapt_and_predict, predictive_metrics, prefix_means
-    from abmll.evaluation.uncertainty import abstentions, apply_temperature, decompose, fit_temperature
+    from abmll.evaluation.uncertainty import abstentions, apply_temperature, decompose
     from abmll.export import save_peft_adapter
     from abmll.modules import gaussian_mode
     from abmll.run_contract import RunDir
@@ -212,9 +207,8 @@ def adapt_run(
         probs = prefix_means(pred["samples"])[-1]
         dec = decompose(pred["samples"])
         ts = None
-        if "support_probs" in pred:
-            temperature = fit_temperature(pred["support_probs"], torch.cat([b["label"] for b in support_batches]))
-            ts = (apply_temperature(probs, temperature), temperature)
+        if "temperature" in pred:
+            ts = (apply_temperature(probs, pred["temperature"]), pred["temperature"])
         abstain = abstentions(dec["probs"], below=abstain_below, coverage=coverage)  # the rows' max_prob
         rows = _rows(task, query_rows, n_support, query_batches, pred, dec, abstain, ts)
         write_predictions(rows, out / "predictions.parquet")

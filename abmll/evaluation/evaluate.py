@@ -108,14 +108,22 @@ def _task_rows(task: str, sampler, eval_batches: List[Batch], dec: Dict[str, tor
             "line": -1 if line is None else int(line),
             "label": int(label),
             "num_options": int(k),
-            "probs": dec["probs"][j, :k].tolist(),
-            "pred": int(dec["probs"][j].argmax()),
-            "max_prob": dec["max_prob"][j].item(),
-            "entropy": dec["entropy"][j].item(),
-            "expected_entropy": dec["expected_entropy"][j].item(),
-            "mutual_info": dec["mutual_info"][j].item(),
+            **uncertainty_columns(dec, j, k),
         })
     return rows
+
+
+def uncertainty_columns(dec: Dict[str, torch.Tensor], j: int, k: int) -> Dict[str, Any]:
+    """The predictions file's per-example columns from :func:`decompose`'s output, for the
+    ``j``-th evaluated example with ``k`` options (the recipe's test and ``abmll adapt``)."""
+    return {
+        "probs": dec["probs"][j, :k].tolist(),
+        "pred": int(dec["probs"][j].argmax()),
+        "max_prob": dec["max_prob"][j].item(),
+        "entropy": dec["entropy"][j].item(),
+        "expected_entropy": dec["expected_entropy"][j].item(),
+        "mutual_info": dec["mutual_info"][j].item(),
+    }
 
 
 def adapt_and_predict(
@@ -133,8 +141,8 @@ def adapt_and_predict(
     """One task's test-time adaptation and predictions, in the order the module docstring gives.
 
     Returns ``samples`` [S, N, C] (per-sample option probabilities of the evaluation batches,
-    in batch order), and when asked ``mean_mode`` [N, C] and ``support_probs`` (the support
-    examples' predictive, for temperature scaling). ``seed``: the task's own RNG stream (None:
+    in batch order), and when asked ``mean_mode`` [N, C] and ``temperature`` (fitted on the
+    support examples' predictive). ``seed``: the task's own RNG stream (None:
     the running one). ``while_adapted`` is called with the adapted adapters still in place
     (``abmll adapt`` exports them there)."""
     samples, mean_mode, out = [], [], {}
@@ -148,10 +156,11 @@ def adapt_and_predict(
             # On a forked RNG: the support's weight samples must not shift the noise that
             # later tasks draw from the running stream (one process, one task at a time).
             with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
-                out["support_probs"] = torch.cat(
+                support_probs = torch.cat(
                     [prefix_means(sample_option_probs(learner.model, b, option_ids, num_samples, learner.device))[-1]
                      for b in support]
                 )
+            out["temperature"] = fit_temperature(support_probs, torch.cat([b["label"] for b in support]))
         if while_adapted is not None:
             while_adapted()
     out["samples"] = torch.cat(samples, dim=1)
@@ -204,7 +213,7 @@ def evaluate_unseen_tasks(
             seed=None if seed is None else seed_of(seed, desc, task),
             flip_rate=flip_rate, temperature_scaling=temperature_scaling,
         )
-        samples_t, mean_mode, support_probs = pred["samples"], pred.get("mean_mode"), pred.get("support_probs")
+        samples_t, mean_mode, temperature = pred["samples"], pred.get("mean_mode"), pred.get("temperature")
         labels = torch.cat([b["label"] for b in eval_batches])
         probs = prefix_means(samples_t)[-1]  # the predictive, summed in draw order
         dec = decompose(samples_t)
@@ -218,17 +227,14 @@ def evaluate_unseen_tasks(
             }
         rows = _task_rows(task, sampler, eval_batches, dec) if keep_predictions else None
         if flip_rate:
-            mm = mean_mode
             first = samples_t[0]
-            flips = first.argmax(-1) != mm.argmax(-1)
-            dp = (first.double() - mm.double()).abs().max(-1).values
+            flips = first.argmax(-1) != mean_mode.argmax(-1)
+            dp = (first.double() - mean_mode.double()).abs().max(-1).values
             result["flip"] = (int(flips.sum()), dp.sum().item(), int(flips.numel()))
             if rows is not None:
                 for j, r in enumerate(rows):
-                    r["probs_mean_mode"] = mm[j, : r["num_options"]].tolist()
-        if support_probs is not None:
-            support_labels = torch.cat([b["label"] for b in support])
-            temperature = fit_temperature(support_probs, support_labels)
+                    r["probs_mean_mode"] = mean_mode[j, : r["num_options"]].tolist()
+        if temperature is not None:
             ts_probs = apply_temperature(probs, temperature)
             # The temperature rescales the predictive, not the weight samples: the TS metrics
             # carry the raw mutual information.
@@ -282,6 +288,7 @@ __all__ = [
     "prefix_means",
     "sample_counts",
     "adapt_and_predict",
+    "uncertainty_columns",
     "predictive_metrics",
     "evaluate_unseen_tasks",
 ]
