@@ -182,6 +182,8 @@ def adapt_run(
             _check_lengths(query_rows, recipe.tokenizer, max_seq_len, chat, Path(query), columns)
         sampler = TaskSampler({task: [r.example for r in support_rows + query_rows]}, recipe.tokenizer,
                               **recipe.eval_sampler_kw)
+        # A run trained with data.num_demonstrations: the support rows are also the demonstrations.
+        sampler.set_demonstration_pool(task, range(n_support))
         support_batches = sampler.batches(task, list(range(n_support)))
         query_batches = sampler.eval_batches(task, list(range(n_support, n_support + len(query_rows))))
 

@@ -29,7 +29,7 @@ RECIPE_KEYS: Dict[str, FrozenSet[str]] = {
     }),
     "data": frozenset({
         "data_dir", "split_file", "k", "seed", "batch_size", "eval_batch_size", "max_seq_len",
-        "chat_template", "max_eval_examples_per_task",
+        "chat_template", "max_eval_examples_per_task", "num_demonstrations",
     }),
     "eval": frozenset({
         "every_n_epochs", "validate", "num_samples", "mode", "ece_bins", "prune_fractions",

@@ -44,6 +44,8 @@ __all__ = [
     "PAPER_METHODS",
     "KNOWN_LEARNERS",
     "method",
+    "recorded_method",
+    "ICL_SUFFIX",
     "canonical_method",
     "method_label",
     "RESULTS_FILE",
@@ -54,6 +56,7 @@ __all__ = [
     "results_record",
     "results_problem",
     "RESUME_MUTABLE_KEYS",
+    "RESUME_ADDED_DEFAULTS",
     "prepare_output_dir",
     "check_resume_config",
     "write_checkpoint",
@@ -74,18 +77,30 @@ class Method:
     in_paper: bool = True  # a row of the paper's Table 1 (what the scripts run by default)
 
 
+#: Appended to the learner's method name by a run whose prompts carry in-context demonstrations
+#: (``data.num_demonstrations`` > 0): :func:`recorded_method`.
+ICL_SUFFIX = "-ICL"
+_ICL = ("data.num_demonstrations=4",)  # the "+ ICL" rows: 4 solved examples (MetaICL's default is 16)
+
 # The paper's row order (Table 1), each variant after its method: "Pretrained + TTA" (LoRA from
-# zero, test-time adaptation only) and ABMLL with learner.outer_gradient=first_order.
+# zero, test-time adaptation only), ABMLL with learner.outer_gradient=first_order, and the "+ ICL"
+# rows (the paper's later version: the prompt also carries solved examples of the task).
 METHODS: Tuple[Method, ...] = (
     Method("Pretrained", "Pretrained", "pretrained", "pretrained", "abmll.learners.Pretrained"),
     Method("PretrainedTTA", "Pretrained + TTA", "pretrained_tta", "pretrained", "abmll.learners.Pretrained",
            overrides=("learner.test_time_adaptation=true",), in_paper=False),
+    Method("Pretrained-ICL", "Pretrained + ICL", "pretrained_icl", "pretrained", "abmll.learners.Pretrained",
+           overrides=_ICL, in_paper=False),
     Method("RegularLoRA", "Regular LoRA", "regular_lora", "regular_lora", "abmll.learners.RegularLoRA"),
+    Method("RegularLoRA-ICL", "Regular LoRA + ICL", "regular_lora_icl", "regular_lora", "abmll.learners.RegularLoRA",
+           overrides=_ICL, in_paper=False),
     Method("StructuredLoRA", "Struct. LoRA", "structured_lora", "structured_lora", "abmll.learners.StructuredLoRA"),
     Method("Reptile", "Reptile", "reptile", "reptile", "abmll.learners.Reptile"),
     Method("ABMLL", "ABMLL", "abmll", "abmll", "abmll.learners.ABMLL", has_beta=True),
     Method("ABMLL-FO", "ABMLL (first-order)", "abmll_first_order", "abmll", "abmll.learners.ABMLL",
            overrides=("learner.outer_gradient=first_order",), has_beta=True, in_paper=False),
+    Method("ABMLL-ICL", "ABMLL + ICL", "abmll_icl", "abmll", "abmll.learners.ABMLL",
+           overrides=_ICL, has_beta=True, in_paper=False),
 )
 _BY_NAME = {m.name: m for m in METHODS}
 METHOD_ORDER: List[str] = [m.name for m in METHODS]
@@ -120,6 +135,13 @@ def method(name: str) -> Method:
 
 def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
+
+
+def recorded_method(method_name: str, num_demonstrations: int = 0) -> str:
+    """The name a run records in results.json: its learner's ``method_name``, plus
+    :data:`ICL_SUFFIX` when its prompts carry demonstrations (``"ABMLL"`` -> ``"ABMLL-ICL"``), so
+    that zero-shot and in-context runs of one learner are separate rows of every table."""
+    return f"{method_name}{ICL_SUFFIX}" if num_demonstrations else method_name
 
 
 # ------------------------------------------------------------------------------ layout
@@ -224,6 +246,7 @@ def results_record(
     config: Dict[str, Any],
     errors: Dict[str, str],
     precision: Optional[Dict[str, Any]] = None,
+    data: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The record a finished run writes to results.json (the reporting reads exactly this)."""
     return {
@@ -251,6 +274,9 @@ def results_record(
         "predictions": predictions,  # the per-example predictions file beside this one
         "pruning": {},  # filled in fraction by fraction after the test
         "history": history,
+        # The prompts: in-context demonstrations (data.num_demonstrations, where they come from)
+        # and what the test's prompts cost in tokens (abmll.data.summarize_prompt_lengths).
+        "data": data,
         "config": config,
         # The compute dtype actually used (config dtype: auto resolves per machine), why, the CPU
         # capability and threads: abmll.precision.Precision.record.
@@ -297,8 +323,25 @@ RESUME_MUTABLE_KEYS = (
 )
 
 
+#: Keys the configs gained after runs were checkpointed, with what their absence means (the
+#: builder's default): a checkpoint written before ``model.sampling`` existed continues under a
+#: config that says ``model.sampling: local``, and is refused under ``model.sampling: weight``.
+RESUME_ADDED_DEFAULTS: Dict[Tuple[str, str], Any] = {("model", "sampling"): "local", ("data", "num_demonstrations"): 0}
+
+
+def _with_added_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(config)
+    for (section, key), value in RESUME_ADDED_DEFAULTS.items():
+        node = out.get(section)
+        if isinstance(node, Mapping) and key not in node:
+            out[section] = {**node, key: value}
+    return out
+
+
 def check_resume_config(now: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
-    """Refuse to continue a checkpoint written with a different config (top-level keys)."""
+    """Refuse to continue a checkpoint written with a different config (top-level keys; a key
+    in :data:`RESUME_ADDED_DEFAULTS` that one side lacks counts as its default)."""
+    now, saved = _with_added_defaults(now), _with_added_defaults(saved)
     for key in sorted(set(now) | set(saved)):
         if key in RESUME_MUTABLE_KEYS:
             continue

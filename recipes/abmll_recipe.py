@@ -49,7 +49,7 @@ from torchtune.modules.peft import get_adapter_params
 
 from abmll.config_keys import check_config_keys
 from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
-from abmll.data import TaskSampler, load_split, option_token_ids, task_lists_sha256
+from abmll.data import TaskSampler, load_split, option_token_ids, summarize_prompt_lengths, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import (
     evaluate_unseen_tasks,
@@ -63,7 +63,14 @@ from abmll.modules import gaussian_mode, set_c_from_base_weights
 from abmll.modules.names import clean_name
 from abmll.distributed import Replicas, seed_of
 from abmll.precision import resolve_precision
-from abmll.run_contract import KNOWN_LEARNERS, RunDir, prepare_output_dir, results_record, write_checkpoint
+from abmll.run_contract import (
+    KNOWN_LEARNERS,
+    RunDir,
+    prepare_output_dir,
+    recorded_method,
+    results_record,
+    write_checkpoint,
+)
 
 log = utils.get_logger("INFO")
 
@@ -170,6 +177,8 @@ class ABMLLRecipe:
         self.val_sampler = TaskSampler(self.split.val, self._tokenizer, **self.eval_sampler_kw)
         self.test_sampler = TaskSampler(self.split.test, self._tokenizer, **self.eval_sampler_kw)
         self._setup_learner(cfg)
+        for sampler in (self.val_sampler, self.test_sampler):  # before anything is trained
+            sampler.check_demonstration_pools(self.num_support)
         log.info(
             f"{type(self.learner).__name__} on split {self.split.name}: "
             f"{len(self.split.train)} training, {len(self.split.val)} validation, "
@@ -216,15 +225,29 @@ class ABMLLRecipe:
         eval_bs = data.get("eval_batch_size", None)
         if eval_bs is not None and int(eval_bs) < 1:
             raise RecipeConfigError(f"data.eval_batch_size must be >= 1 or null, got {eval_bs}")
+        k = data.get("num_demonstrations", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise RecipeConfigError(f"data.num_demonstrations must be an integer >= 0, got {k!r}")
+        self.num_demonstrations = k
         self.sampler_kw = dict(
             batch_size=self.batch_size,
             max_seq_len=int(data.max_seq_len),
             seed=self.seed,
             chat_template=chat,
+            # In-context demonstrations (abmll/data/sampling.py): a training task's prompts take
+            # them from the task's own examples, i.e. its training file.
+            num_demonstrations=k,
+            demonstration_pool="task",
         )
         # Support batches stay at data.batch_size (the adaptation steps are training steps);
-        # evaluation batches take data.eval_batch_size (default: data.batch_size).
-        self.eval_sampler_kw = dict(self.sampler_kw, eval_batch_size=None if eval_bs is None else int(eval_bs))
+        # evaluation batches take data.eval_batch_size (default: data.batch_size). An unseen
+        # task's prompts take their demonstrations from its support examples, the labelled
+        # few-shot set test-time adaptation is given: never from an example that is evaluated.
+        self.eval_sampler_kw = dict(
+            self.sampler_kw,
+            eval_batch_size=None if eval_bs is None else int(eval_bs),
+            demonstration_pool="support",
+        )
 
     def _setup_learner(self, cfg: DictConfig) -> None:
         self.learner = self._instantiate_learner(cfg.learner)
@@ -488,6 +511,7 @@ class ABMLLRecipe:
         final_adapters = self.adapter_state()
         self.load_adapters(self.best["adapters"])
         test = self.evaluate(self.test_sampler, "test", test=True, predictions=True)
+        self._data = self._data_record()
         self._log_eval("test", test, self.best["epoch"])
         self._write_predictions(test, "test")
         self._results = self._results_dict(test)
@@ -502,9 +526,27 @@ class ABMLLRecipe:
             self._optional_step("export", lambda: self._export_adapters(final_adapters))
         return self._results
 
+    def _data_record(self) -> Dict[str, Any]:
+        """results.json's ``data``: the demonstrations, and what the test's prompts cost in
+        tokens (every process's tasks: a collective, called by all)."""
+        lengths = {}
+        for part in self.replicas.all_gather(self.test_sampler.prompt_lengths()):
+            lengths.update(part)
+        lengths = {t: lengths[t] for t in self.test_sampler.task_names if t in lengths}
+        k = self.num_demonstrations
+        return {
+            "num_demonstrations": k,
+            "demonstrations_from": {
+                "training tasks": "the task's examples (its training file), never the example itself",
+                "unseen tasks": "the task's support examples (learner.inner_steps x data.batch_size, "
+                "the test-time adaptation set), never an evaluated example",
+            } if k else None,
+            "test_prompts": summarize_prompt_lengths(lengths, k),
+        }
+
     def _results_dict(self, test: Dict[str, Any]) -> Dict[str, Any]:
         return results_record(
-            method=self.learner.method_name,
+            method=recorded_method(self.learner.method_name, self.num_demonstrations),
             learner=self.cfg.learner.get("_component_"),
             split=self.split.name,
             split_file=self.cfg.data.get("split_file", None),
@@ -520,6 +562,7 @@ class ABMLLRecipe:
             config=OmegaConf.to_container(self.cfg, resolve=True),
             precision=self.precision.record(),
             errors=self.errors,
+            data=self._data,
         )
 
     def _posterior(self, test: Dict[str, Any]) -> Optional[Dict[str, Any]]:

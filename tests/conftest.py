@@ -63,6 +63,25 @@ def recipe_in_process(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["abmll_recipe", *args], code, out.getvalue(), err.getvalue())
 
 
+def shrink_builders(monkeypatch, builders_module, names, shape: dict) -> list:
+    """Make a full-size model builder (``llama3_8b``, ``qwen2_7b``, ...) build at ``shape``: the
+    component builders ``names`` that ``builders_module`` calls get the shape keys replaced.
+    Returns the list of keyword sets each call was made with (the full-size builder's own)."""
+    calls = []
+
+    def shrink(component):
+        def build(*args, **kwargs):
+            assert not args, "the full-size builders pass keywords only"
+            calls.append(dict(kwargs))
+            return component(**{**kwargs, **shape})
+
+        return build
+
+    for name in names:
+        monkeypatch.setattr(builders_module, name, shrink(getattr(builders_module, name)))
+    return calls
+
+
 @pytest.fixture
 def run_recipe(tmp_path):
     """Run the recipe as `tune run` would: in this process (:func:`recipe_in_process`), or with

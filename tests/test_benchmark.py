@@ -57,7 +57,11 @@ def test_benchmark_script_tiny(tmp_path):
     out = proc.stdout
     for row in ("| Episode time (mean) |", "| Training tokens / s", "| Saved for backward",
                 "| Peak memory: RSS during training", "| Layer 48x32 fwd+bwd, 8 tokens, fp32, sampling local",
-                "| Layer 48x32 fwd+bwd, 8 tokens, fp32, sampling weight"):
+                "| Layer 48x32 fwd+bwd, 8 tokens, fp32, sampling weight",
+                "| Episode FLOPs (matmuls and attention, one untimed episode) |",
+                "| Share of the FLOP floor reached (FLOP ratio / mean time ratio) |",
+                "| Layer 48x32, sampling local: FLOPs (share of the floor reached",
+                "| Layer 48x32, sampling weight: FLOPs (share of the floor reached"):
         assert row in out, out
     assert "ABMLL sampling weight" in out and "random weights" in out
     data = json.loads((tmp_path / "b.json").read_text())
@@ -68,6 +72,12 @@ def test_benchmark_script_tiny(tmp_path):
     assert timing["seq_len"] == 32 and timing["threads"] == 1
     assert data["memory"]["abmll"]["sampling"] == "weight"
     assert data["memory"]["abmll"]["method"] == "ABMLL"
+    floor = data["flop_floor"]["episode"]
+    assert floor["sampling"] == "weight" and 0 < timing["episode_flops"]["regular_lora"] < timing["episode_flops"]["abmll"]
+    assert floor["flop_ratio"] == timing["episode_flops"]["abmll"] / timing["episode_flops"]["regular_lora"]
+    assert floor["floor_share"] == floor["flop_ratio"] / floor["time_ratio"]
+    layer = data["flop_floor"]["layers"][0]
+    assert set(layer) == {"local", "weight"} and layer["local"]["flops"] > layer["weight"]["flops"] > layer["local"]["lora_flops"]
 
 
 def test_the_command_lines_sampling_choices_are_the_layers():

@@ -1,4 +1,4 @@
-"""Every shipped Llama3-8B and SmolLM2-135M config runs through the recipe end to end.
+"""Every shipped Llama3-8B, Qwen2-7B and SmolLM2-135M config runs through the recipe end to end.
 
 The paper's configuration (activation checkpointing, bf16, the chat template, 200 evaluation
 examples per task, the paper's learning rates) once crashed at the PEFT export after a whole
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from test_configs import METHODS  # one list of the packaged methods for both config tests
 
-FAMILIES = ["llama3_8b", "smollm2_135m"]
+FAMILIES = ["llama3_8b", "qwen2_7b", "smollm2_135m"]
 
 # The tiny model of the same kind as each shipped model: same builder keys, tiny shape.
 TINY_MODEL = {
@@ -31,6 +31,8 @@ TINY_MODEL = {
     "torchtune.models.llama3.lora_llama3_8b": "abmll.models.lora_tiny_llama",
     "abmll.models.gaussian_lora_smollm2_135m": "abmll.models.gaussian_lora_tiny_llama",
     "abmll.models.lora_smollm2_135m": "abmll.models.lora_tiny_llama",
+    "abmll.models.gaussian_lora_qwen2_7b": "abmll.models.gaussian_lora_tiny_qwen2",
+    "torchtune.models.qwen2.lora_qwen2_7b": "abmll.models.lora_tiny_qwen2",
 }
 _ABSENT = object()
 
@@ -79,7 +81,7 @@ def test_only_what_a_cpu_cannot_hold_is_swapped(family, method, tmp_path):
     changed = {k for k in shipped.keys() | cpu.keys() if shipped.get(k, _ABSENT) != cpu.get(k, _ABSENT)}
     outside = [k for k in changed if not any(k == s or k.startswith(s + ".") for s in swapped)]
     assert changed and not outside, outside
-    if family == "llama3_8b":  # the paper's settings reach the run
+    if family in ("llama3_8b", "qwen2_7b"):  # the paper's settings reach the run
         assert cpu["enable_activation_checkpointing"] is True and cpu["dtype"] == "bf16"
         assert cpu["data.chat_template"] is True and cpu["data.max_eval_examples_per_task"] == 200
 
@@ -94,20 +96,22 @@ def _run_in_process(cfg) -> int:
     return 0
 
 
-def _assert_peft_loads(adapter_dir: Path, rank: int, alpha: float) -> None:
-    """Hugging Face PEFT loads every exported tensor onto a tiny transformers Llama."""
+def _assert_peft_loads(adapter_dir: Path, rank: int, alpha: float, qwen2: bool = False) -> None:
+    """Hugging Face PEFT loads every exported tensor onto a tiny transformers Llama (Qwen2 for
+    the Qwen2 models)."""
     import json
 
     from peft import PeftModel
-    from test_peft_export import _hf_llama
+    from test_peft_export import _hf_llama, _hf_qwen2
 
-    from abmll.models import tiny_llama
+    from abmll.models import tiny_llama, tiny_qwen2
 
+    base = _hf_qwen2(tiny_qwen2().state_dict()) if qwen2 else _hf_llama(tiny_llama().state_dict())
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"]) == (rank, alpha)
     assert sorted(cfg["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
     saved = load_file(adapter_dir / "adapter_model.safetensors")
-    hf = PeftModel.from_pretrained(_hf_llama(tiny_llama().state_dict()), str(adapter_dir)).eval()
+    hf = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     loaded = {k: v for k, v in hf.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(saved)  # every LoRA module of the model got its tensors
     for key, value in saved.items():
@@ -133,7 +137,8 @@ def _check_run(cfg, out: Path, method: str) -> None:
         assert not [k for k in keys if "_checkpoint_wrapped_module" in k]
     state = torch.load(out / "checkpoints" / "recipe_state.pt", map_location="cpu", weights_only=False)
     assert not [k for k in state["adapters"] if "_checkpoint_wrapped_module" in k]
-    _assert_peft_loads(out / "adapter_best", cfg.model.lora_rank, cfg.model.lora_alpha)
+    _assert_peft_loads(out / "adapter_best", cfg.model.lora_rank, cfg.model.lora_alpha,
+                       qwen2="qwen2" in cfg.model._component_)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

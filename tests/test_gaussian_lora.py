@@ -9,7 +9,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_adapter_state_dict
 
-from abmll.models import add_gaussian_lora, gaussian_lora_tiny_llama, gaussian_lora_llama3_8b, tiny_llama
+from abmll.models import (
+    add_gaussian_lora,
+    gaussian_lora_llama3_8b,
+    gaussian_lora_tiny_llama,
+    gaussian_lora_tiny_qwen2,
+    tiny_llama,
+    tiny_qwen2,
+)
 from abmll.modules import PAIRS, GaussianLoRALinear, gaussian_lora_modules, gaussian_mode, set_gaussian_mode
 from abmll.modules.gaussian_lora import (
     SAMPLINGS,
@@ -135,6 +142,44 @@ def test_bias_is_kept_for_qwen_style_projections():
     layer.mode = "mean"
     x = torch.randn(3, 6)
     torch.testing.assert_close(layer(x), base(x))
+
+
+def test_tiny_qwen2_gaussian_model_keeps_the_frozen_q_v_bias_and_uses_it():
+    """Qwen2's q/k/v carry a bias: add_gaussian_lora keeps it (frozen, not an adapter), the
+    forward adds it, and the base state dict is tiny_qwen2's key for key."""
+    torch.manual_seed(0)
+    model = gaussian_lora_tiny_qwen2().eval()
+    base_keys = set(tiny_qwen2().state_dict())
+    adapters = set(get_adapter_params(model))
+    assert set(model.state_dict()) - adapters == base_keys
+    attn = model.layers[0].attn
+    assert isinstance(attn.q_proj, GaussianLoRALinear) and isinstance(attn.v_proj, GaussianLoRALinear)
+    assert attn.output_proj.bias is None and not isinstance(attn.k_proj, GaussianLoRALinear)
+    for proj in (attn.q_proj, attn.v_proj):
+        assert proj.use_bias and proj.bias is not None and proj.bias.requires_grad is False
+        assert "bias" not in " ".join(proj.adapter_params())
+    layer = attn.q_proj
+    x = torch.randn(2, 3, layer.in_dim)
+    for mode in ("mean", "sample"):
+        layer.mode = mode
+        with torch.no_grad():
+            torch.manual_seed(1)
+            before = layer(x)
+            layer.bias.add_(1.0)
+            torch.manual_seed(1)
+            after = layer(x)
+            layer.bias.sub_(1.0)
+        torch.testing.assert_close(after - before, torch.ones_like(before))  # the bias enters once
+    layer.mode = "sample"
+    torch.manual_seed(1)
+    layer(x).sum().backward()  # training path (local reparameterisation): bias used, no gradient
+    assert layer.bias.grad is None
+    set_gaussian_mode(model, "mean")  # deterministic: only the bias changes the output below
+    with torch.no_grad():
+        tokens = torch.randint(0, 256, (1, 7))
+        out = model(tokens)
+        attn.q_proj.bias.normal_()
+        assert (model(tokens) - out).abs().max() > 1e-3  # the model's output depends on it
 
 
 def test_llama3_8b_builds_on_meta_with_expected_parameter_count():

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from conftest import shrink_builders
 from test_configs import METHODS  # abmll, regular_lora, structured_lora, reptile, pretrained
 
 pytestmark = pytest.mark.slow  # the llama3_8b configs end to end on a Meta-format checkpoint: not in the quick tier
@@ -209,19 +210,7 @@ def tiny_8b_builders(monkeypatch):
     returns the keys each call was made with (the 8B builder's own)."""
     import torchtune.models.llama3._model_builders as builders
 
-    calls = []
-
-    def shrink(component):
-        def build(*args, **kwargs):
-            assert not args, "the 8B builders pass keywords only"
-            calls.append(dict(kwargs))
-            return component(**{**kwargs, **TINY_SHAPE})
-
-        return build
-
-    monkeypatch.setattr(builders, "llama3", shrink(builders.llama3))
-    monkeypatch.setattr(builders, "lora_llama3", shrink(builders.lora_llama3))
-    return calls
+    return shrink_builders(monkeypatch, builders, ["llama3", "lora_llama3"], TINY_SHAPE)
 
 
 def _load(method: str, family: str = "llama3_8b"):

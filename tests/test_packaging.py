@@ -49,5 +49,5 @@ def test_a_non_editable_install_imports_every_module_and_finds_the_configs(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules, n_configs = proc.stdout.strip().splitlines()
     assert modules.split() == here  # every module of the source tree is in the install
-    assert int(n_configs) == len(packaged_configs()) == 15
+    assert int(n_configs) == len(packaged_configs()) == 20
     assert (target / "abmll" / "data" / "splits" / "bigbench-mc.yaml").is_file()

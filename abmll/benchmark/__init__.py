@@ -6,6 +6,7 @@ Each measurement runs in its own fresh subprocess, so that no method sees anothe
 * :mod:`abmll.benchmark.probes` — peak RSS sampler and saved-for-backward meter.
 * :mod:`abmll.benchmark.runner` — build a config's model and learner as the recipe does.
 * :mod:`abmll.benchmark.measure` — ``measure`` (one method), ``time_pair``, ``time_layer``.
+* :mod:`abmll.benchmark.flops` — FLOPs of the real graph (``FlopCounterMode``): the FLOP floor.
 * :mod:`abmll.benchmark.workers` — run those in fresh processes and read their results back.
 * :mod:`abmll.benchmark.report` — the Markdown tables.
 * :mod:`abmll.benchmark.cli` — the scripts' command lines (``main``, ``benchmark_main``).

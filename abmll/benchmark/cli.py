@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from abmll.benchmark.report import benchmark_report, report
+from abmll.benchmark.report import benchmark_report, flop_floor, layer_flop_floors, report
 from abmll.benchmark.workers import MARK, run_call, call_worker, run_worker
 
-PAIRS = ("tiny", "smollm2_135m", "llama3_8b")
+PAIRS = ("tiny", "smollm2_135m", "llama3_8b", "qwen2_7b")
 #: ``abmll.modules.gaussian_lora.SAMPLINGS``, spelled here so that ``--help`` imports no torch
 #: (tests/test_benchmark.py checks that the two agree).
 SAMPLING_CHOICES = ("local", "weight")
@@ -38,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
     p.add_argument("--load-weights", action="store_true", help="load the checkpointer's weights (default: random)")
     p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
-                   help="ABMLL's training sampling (default: the model's, local)")
+                   help="ABMLL's training estimator, overriding the config's model.sampling "
+                   "(default: the config's, local)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write both measurements to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -93,7 +94,8 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
     p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
-                   help="ABMLL's training sampling (default: the model's, local)")
+                   help="ABMLL's training estimator, overriding the config's model.sampling "
+                   "(default: the config's, local)")
     p.add_argument("--layer-shape", default="4096x4096", help="d_out x d_in of the layer rows (default: "
                    "Llama3-8B's q_proj); 'none' skips them")
     p.add_argument("--layer-tokens", type=int, default=512, help="tokens of the layer rows (default 512)")
@@ -146,6 +148,8 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     print(benchmark_report(args.config_pair, timing, memory, layers, weights))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"timing": timing, "memory": memory, "layers": layers}, indent=2))
+        floor = {"episode": flop_floor(timing), "layers": [layer_flop_floors(lay) for lay in layers]}
+        args.json.write_text(json.dumps({"timing": timing, "memory": memory, "layers": layers,
+                                         "flop_floor": floor}, indent=2))
         print(f"\nwrote {args.json}")
     return 0

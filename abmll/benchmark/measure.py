@@ -10,9 +10,10 @@ bytes, peak memory, and one adapted layer.
   Every device: the saved-for-backward peak (:mod:`abmll.benchmark.probes`) and the bytes of
   trainable parameters, their gradients and AdamW states.
 * ``time_pair``: several methods built side by side in one process, alternating episodes on
-  the same random batches after warm-up rounds.
+  the same random batches after warm-up rounds; then, untimed, each method's episode FLOPs
+  (:mod:`abmll.benchmark.flops`), the floor of the time ratio.
 * ``time_layer``: one adapted layer's forward and backward, ``GaussianLoRALinear`` (each
-  sampling) against torchtune's ``LoRALinear``.
+  sampling) against torchtune's ``LoRALinear``, timed, and its FLOPs counted apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import resource
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from abmll.benchmark.flops import count_flops
 from abmll.benchmark.probes import rss_bytes, RssSampler, SavedTensorMeter
 from abmll.benchmark.runner import num_query, random_batch, sampling_of, sync, build
 from abmll.modules import DEFAULT_C
@@ -120,7 +122,10 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     ``configs`` maps a method label to a config, in the order they run in each round (ABMLL then
     Regular LoRA). Every round draws one set of random batches and runs one episode of each
     method on them; the first ``warmup`` rounds are not timed. Then one more episode of each runs
-    under ``SavedTensorMeter`` (the saved-for-backward peak; not timed).
+    under ``SavedTensorMeter`` (the saved-for-backward peak; not timed), and one more under
+    ``FlopCounterMode`` (``episode_flops``: the real graph on real tensors, matmuls and
+    attention, recomputation included; in an episode of its own, because the counter's module
+    hooks keep the outputs alive). All methods count on the same batches.
     """
     import torch
 
@@ -164,6 +169,18 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
             learner.train_episode(Episode(ep.task, ep.support, ep.query[: num_query(learner)]))
         meter.close()
         saved[label] = meter.peak
+    flops: Dict[str, Optional[int]] = {}
+    flops_error = None
+    ep = episode(warmup + rounds + 1)
+    for label, (_, _, learner, _, _) in built.items():
+        try:  # the counter keeps every module's output alive (activation checkpointing undone)
+            flops[label] = count_flops(learner.train_episode,
+                                       Episode(ep.task, ep.support, ep.query[: num_query(learner)]))
+        except torch.OutOfMemoryError as err:  # keep the times measured above
+            flops[label], flops_error = None, f"out of memory in the counted episode ({str(err).splitlines()[0]})"
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return {
         "device": str(dev),
         "dtype": first[4].name,
@@ -182,6 +199,8 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
         "activation_checkpointing": bool(cfg0.get("enable_activation_checkpointing", False)),
         "episode_seconds": times,
         "saved_for_backward_peak_bytes": saved,
+        "episode_flops": flops,
+        "episode_flops_error": flops_error,
     }
 
 
@@ -192,7 +211,8 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
     torchtune's ``LoRALinear``, on ``tokens`` random inputs, alternating in each round.
 
     Trainable: LoRA's pair, and the Gaussian layer's phi pairs (as in the inner loop); the
-    input requires grad (as inside a network). Also the bytes saved for backward per call.
+    input requires grad (as inside a network). Also the bytes saved for backward per call, and
+    the FLOPs of one forward + backward (``flops``, counted in a call of its own).
     """
     import torch
     from torchtune.modules.peft import LoRALinear
@@ -226,6 +246,7 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
             out = layer(x)
         out.backward(cot)
         saved[label] = meter.peak
+    flops = {label: count_flops(step, layer) for label, layer in layers.items()}
     times: Dict[str, list] = {label: [] for label in layers}
     for r in range(warmup + rounds):
         for label, layer in layers.items():
@@ -236,4 +257,4 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
             if r >= warmup:
                 times[label].append(time.perf_counter() - t0)
     return {"d_out": d_out, "d_in": d_in, "tokens": tokens, "dtype": dtype, "device": str(dev),
-            "rank": rank, "seconds": times, "saved_bytes": saved}
+            "rank": rank, "seconds": times, "saved_bytes": saved, "flops": flops}

@@ -2,7 +2,8 @@
 
 * ``report``: ``scripts/benchmark_memory.py`` (peak memory of each method, own process).
 * ``benchmark_report``: ``scripts/benchmark.py`` (episode time, tokens/s, saved-for-backward,
-  peak memory and the layer rows, against ``TARGETS``).
+  peak memory and the layer rows, against ``TARGETS``; the FLOP floor of each time ratio,
+  :func:`flop_floor` and :func:`layer_flop_floors`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,48 @@ def _r(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.3f}"
 
 
+def _fmt_flops(n: Optional[float]) -> str:
+    if not n:
+        return "—"
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _floor(flops_a: Optional[float], flops_b: Optional[float], seconds_a: Sequence[float],
+           seconds_b: Sequence[float]) -> Dict[str, Optional[float]]:
+    t_a, t_b = _mean(seconds_a), _mean(seconds_b)
+    flop_ratio = flops_a / flops_b if flops_a and flops_b else None
+    time_ratio = t_a / t_b if t_a > 0 and t_b > 0 else None  # nan (no rounds) compares False
+    share = flop_ratio / time_ratio if flop_ratio and time_ratio else None
+    return {"flop_ratio": flop_ratio, "time_ratio": time_ratio, "floor_share": share}
+
+
+def flop_floor(timing: Dict[str, Any]) -> Dict[str, Any]:
+    """ABMLL against Regular LoRA per episode (``time_pair``'s result): the FLOP ratio (the floor:
+    the time ratio if ABMLL's extra time were all extra matmul and attention work done at LoRA's
+    efficiency), the time ratio (mean episode times), and the share of the floor reached, FLOP
+    ratio / time ratio (1.0: at the floor; 0.5: ABMLL takes twice the time its FLOPs need)."""
+    ab, lo = "abmll", "regular_lora"
+    flops = timing.get("episode_flops") or {}
+    out: Dict[str, Any] = {"sampling": timing["sampling"][ab], "abmll_flops": flops.get(ab),
+                           "regular_lora_flops": flops.get(lo)}
+    out.update(_floor(flops.get(ab), flops.get(lo), timing["episode_seconds"][ab], timing["episode_seconds"][lo]))
+    return out
+
+
+def layer_flop_floors(layer: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """:func:`flop_floor` of one layer's forward + backward (``time_layer``'s result), for each
+    sampling against torchtune's ``LoRALinear``."""
+    flops = layer.get("flops") or {}
+    return {
+        sampling: {"flops": flops.get(sampling), "lora_flops": flops.get("lora"),
+                   **_floor(flops.get(sampling), flops.get("lora"), ts, layer["seconds"]["lora"])}
+        for sampling, ts in layer["seconds"].items() if sampling != "lora"
+    }
+
+
 def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[str, Dict[str, Any]]],
                      layers: Sequence[Dict[str, Any]], weights: str) -> str:
     """The markdown table of ``scripts/benchmark.py``."""
@@ -124,6 +167,18 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
         f"{_r(timing['saved_for_backward_peak_bytes'][ab], timing['saved_for_backward_peak_bytes'][lo])} | "
         f"<= {TARGETS['saved']} |",
     ]
+    floor = flop_floor(timing)
+    if floor["flop_ratio"] is not None:
+        share = floor["floor_share"]
+        lines += [
+            f"| Episode FLOPs (matmuls and attention, one untimed episode) | "
+            f"{_fmt_flops(floor['regular_lora_flops'])} | {_fmt_flops(floor['abmll_flops'])} | "
+            f"{floor['flop_ratio']:.3f} | |",
+            f"| Share of the FLOP floor reached (FLOP ratio / mean time ratio) | | | "
+            f"{'—' if share is None else f'{share:.3f}'} | 1.0 = at the floor |",
+        ]
+    elif timing.get("episode_flops_error"):
+        lines.append(f"| Episode FLOPs: not counted, {timing['episode_flops_error']} | | | | |")
     if memory:
         key, label = (("cuda_peak_allocated_bytes", "Peak memory: CUDA max allocated (incl. weights)") if cuda
                       else ("rss_peak_bytes", "Peak memory: RSS during training (own process)"))
@@ -135,6 +190,7 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
                          f"{_fmt_bytes(memory[ab].get(k2))} | {_r(memory[ab].get(k2), memory[lo].get(k2))} | |")
     for lay in layers:
         t_l = _mean(lay["seconds"]["lora"])
+        floors = layer_flop_floors(lay)
         for sampling, ts in lay["seconds"].items():
             if sampling == "lora":
                 continue
@@ -144,10 +200,23 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
                 f"sampling {sampling} (saved {_fmt_bytes(lay['saved_bytes'][sampling])} vs "
                 f"{_fmt_bytes(lay['saved_bytes']['lora'])}) | {_fmt_s(t_l)} | {_fmt_s(t_g)} | {_r(t_g, t_l)} | |"
             )
+            fl = floors[sampling]
+            if fl["flop_ratio"] is not None:
+                share = "—" if fl["floor_share"] is None else f"{fl['floor_share']:.3f}"
+                lines.append(
+                    f"| Layer {lay['d_out']}x{lay['d_in']}, sampling {sampling}: FLOPs (share of the floor "
+                    f"reached {share}) | {_fmt_flops(fl['lora_flops'])} | {_fmt_flops(fl['flops'])} | "
+                    f"{fl['flop_ratio']:.3f} | |"
+                )
     lines += [
         "",
         "Layer rows: torchtune LoRALinear against GaussianLoRALinear (phi pairs trainable), mean of "
         "alternating rounds. Paper (Llama3-8B, A100): 25.6 GB ABMLL vs 23.8 GB Regular LoRA (x1.076).",
+        "FLOPs: torch's FlopCounterMode over one more episode (layer: one more call) on the same "
+        "batches, not timed: matmuls and attention, forward, backward and recomputation; elementwise "
+        "work (exp, randn) has no formula and is not counted. The FLOP ratio is the floor of the time "
+        "ratio: ABMLL's extra time, were it all extra FLOPs done at LoRA's efficiency. Share of the "
+        "floor reached = FLOP ratio / time ratio (1.0 = at the floor).",
     ]
     if not cuda:
         lines.append("CPU timings are only comparable within one run on an otherwise idle machine.")

@@ -67,7 +67,9 @@ def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = Fa
 
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        set_gaussian_sampling(model, sampling)  # a no-op for models without Gaussian layers
+        # Overrides the config's model.sampling (the Regular LoRA config has no such key); a
+        # no-op for models without Gaussian layers.
+        set_gaussian_sampling(model, sampling)
     if cfg.get("enable_activation_checkpointing", False):  # as the recipe does
         from torchtune import modules
 

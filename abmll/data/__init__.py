@@ -10,7 +10,7 @@ from .prompt import (
     option_token_ids,
     tokenize_example,
 )
-from .sampling import TaskSampler
+from .sampling import TaskSampler, summarize_prompt_lengths
 from .splits import known_splits, load_split, task_lists_sha256
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "load_split",
     "task_lists_sha256",
     "option_token_ids",
+    "summarize_prompt_lengths",
     "tokenize_example",
 ]

@@ -39,7 +39,9 @@ __all__ = [
     "format_report",
     "load_split_from_dir",
     "parse_file_spec",
+    "file_naming",
     "read_split_def",
+    "split_def",
     "read_task_file",
     "task_file",
 ]
@@ -269,6 +271,31 @@ def _part_values(value, key: str) -> dict[str, str]:
     return out
 
 
+def split_def(split: str, split_file: str | os.PathLike | None = None) -> dict:
+    """The definition of ``split``: the YAML/JSON ``split_file`` when given, else the packaged
+    ``splits/{split}.yaml``; an unknown name is one error listing the known ones."""
+    if split_file is not None:
+        return read_split_def(split_file)
+    if split not in known_splits() or split == "tiny":
+        raise ValueError(
+            f"unknown split {split!r} (config key `split`); known splits: {known_splits()}, "
+            f"or give a split file with `data.split_file`"
+        )
+    return read_split_def(_splits_dir() / f"{split}.yaml")
+
+
+def file_naming(sdef: dict, k=None, seed=None) -> dict[str, dict]:
+    """``k`` and ``seed`` of each part's file name: MetaICL's defaults, then the split file's
+    ``files:``, then the ``k`` / ``seed`` overrides (see :func:`parse_file_spec`)."""
+    naming = {p: dict(DEFAULT_FILES[p]) for p in PARTS}
+    for p, spec in sdef["files"].items():
+        naming[p].update(spec)
+    for key, val in (("k", k), ("seed", seed)):
+        for p, v in _part_values(val, key).items():
+            naming[p][key] = v
+    return naming
+
+
 def load_split_from_dir(
     split: str,
     data_dir: str | os.PathLike | None,
@@ -278,15 +305,7 @@ def load_split_from_dir(
     seed=None,
 ) -> SplitTasks:
     """Load a split's tasks from a MetaICL-layout directory (see the module docstring)."""
-    if split_file is not None:
-        sdef = read_split_def(split_file)
-    else:
-        if split not in known_splits() or split == "tiny":
-            raise ValueError(
-                f"unknown split {split!r} (config key `split`); known splits: {known_splits()}, "
-                f"or give a split file with `data.split_file`"
-            )
-        sdef = read_split_def(_splits_dir() / f"{split}.yaml")
+    sdef = split_def(split, split_file)
     if data_dir is None:
         raise ValueError(
             f"split {split!r} reads MetaICL task files: set `data.data_dir` to the directory that holds "
@@ -296,12 +315,7 @@ def load_split_from_dir(
     if not data_dir.is_dir():
         raise ValueError(f"`data.data_dir` {str(data_dir)!r} is not a directory")
 
-    naming = {p: dict(DEFAULT_FILES[p]) for p in PARTS}
-    for p, spec in sdef["files"].items():
-        naming[p].update(spec)
-    for key, val in (("k", k), ("seed", seed)):
-        for p, v in _part_values(val, key).items():
-            naming[p][key] = v
+    naming = file_naming(sdef, k, seed)
 
     wanted = [(p, t) for p in PARTS for t in sdef[p]]
     paths = {(p, t): task_file(data_dir, t, p, naming[p]["k"], naming[p]["seed"]) for p, t in wanted}

@@ -19,6 +19,22 @@ Chat mode: ``tokenizer.tokenize_messages([user: prompt, assistant: "A"])``; what
 template puts after the assistant content (end-of-turn tokens) stays in ``tokens`` but gets
 label -100. ``labels`` follow torchtune's convention (same length as ``tokens``, not shifted):
 ``labels[answer_pos] == tokens[answer_pos]``, every other entry is -100.
+
+Demonstrations (``data.num_demonstrations``, MetaICL's "direct" in-context learning): k solved
+examples of the same task come before the question, each in the same prompt format with its
+answer letter filled in. Plain mode joins them with blank lines::
+
+    {prompt of demonstration 1} B
+
+    {prompt of demonstration 2} A
+
+    {prompt of the question}        <- ends with "Answer:", target " A".." D" as above
+
+Chat mode gives each demonstration its own earlier user/assistant turn, so the model sees the
+solved examples as answers it gave itself in the very format it must answer in, and the
+question's answer letter stays the last assistant content (``answer_pos`` as above). The letters
+of the demonstrations are part of the prompt: label -100, only the question's letter is trained.
+With no demonstrations every prompt is the zero-shot prompt above, token for token.
 """
 
 from __future__ import annotations
@@ -33,8 +49,11 @@ __all__ = [
     "IGNORE_INDEX",
     "OPTION_LETTERS",
     "PROMPT_HEADER",
+    "DEMONSTRATION_SEPARATOR",
     "collate_mc",
+    "format_demonstration",
     "format_prompt",
+    "format_with_demonstrations",
     "option_token_ids",
     "tokenize_example",
 ]
@@ -58,19 +77,45 @@ def format_prompt(example: MCExample) -> str:
     return f"{PROMPT_HEADER}\n\nQuestion: {example.input}\n\nChoices:\n{choices}\nAnswer:"
 
 
-def _messages(prompt: str, letter: str):
+#: Between demonstrations, and between the last one and the question (plain mode).
+DEMONSTRATION_SEPARATOR = "\n\n"
+
+
+def format_demonstration(example: MCExample) -> str:
+    """A solved example: its prompt with its answer letter filled in (``"...Answer: B"``)."""
+    return f"{format_prompt(example)} {OPTION_LETTERS[example.label]}"
+
+
+def format_with_demonstrations(example: MCExample, demonstrations=()) -> str:
+    """The plain-mode prompt text: the solved ``demonstrations`` in order, then the question's
+    prompt (ending with ``"Answer:"``). No demonstrations: :func:`format_prompt`."""
+    parts = [format_demonstration(d) for d in demonstrations] + [format_prompt(example)]
+    return DEMONSTRATION_SEPARATOR.join(parts)
+
+
+def _messages(prompt: str, letter: str, demonstrations=()):
     from torchtune.data import Message  # lazy: importing torchtune takes seconds
 
-    return [Message(role="user", content=prompt), Message(role="assistant", content=letter)]
+    turns = [(format_prompt(d), OPTION_LETTERS[d.label]) for d in demonstrations] + [(prompt, letter)]
+    return [
+        Message(role=role, content=content)
+        for user, assistant in turns
+        for role, content in (("user", user), ("assistant", assistant))
+    ]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_bos=True, add_eos=False))
 
 
-def _chat_tokens(tokenizer, prompt: str, letter: str) -> list[int]:
-    tokens, _mask = tokenizer.tokenize_messages(_messages(prompt, letter))
+def _chat_tokens(tokenizer, prompt: str, letter: str, demonstrations=()) -> list[int]:
+    tokens, _mask = tokenizer.tokenize_messages(_messages(prompt, letter, demonstrations))
     return list(tokens)
+
+
+class _AnswerNotFound(ValueError):
+    """The chat template's tokens do not end with the answer where expected (the tokenizer cut
+    them to its own ``max_seq_len``)."""
 
 
 class _AnswerInfo:
@@ -143,33 +188,64 @@ def option_token_ids(tokenizer, chat_template: bool = False) -> list[int]:
     return list(_answer_letters(tokenizer, chat_template).letter_ids)
 
 
-def _build(example: MCExample, tokenizer, chat_template: bool, info: _AnswerInfo):
+def _build(example: MCExample, tokenizer, chat_template: bool, info: _AnswerInfo, demonstrations=()):
     prompt = format_prompt(example)
     letter = OPTION_LETTERS[example.label]
     target = info.letter_ids[example.label]
     if chat_template:
-        tokens = _chat_tokens(tokenizer, prompt, letter)
+        tokens = _chat_tokens(tokenizer, prompt, letter, demonstrations)
         pos = len(tokens) - 1 - info.suffix_len
         if pos < 0 or tokens[pos] != target:
-            raise ValueError(
+            raise _AnswerNotFound(
                 f"task {example.task!r}: answer letter {letter!r} not found at the expected position "
                 f"of the chat-template tokens (does the tokenizer truncate to its own max_seq_len?)"
             )
     else:
-        tokens = _encode(tokenizer, prompt) + [target]
+        text = format_with_demonstrations(example, demonstrations) if demonstrations else prompt
+        tokens = _encode(tokenizer, text) + [target]
         pos = len(tokens) - 1
     return tokens, pos
 
 
-def tokenize_example(example: MCExample, tokenizer, max_seq_len: int, chat_template: bool = False) -> dict:
+def _with_demonstrations(example: MCExample, demonstrations, tokenizer, chat_template: bool,
+                         info: _AnswerInfo, max_seq_len: int):
+    """(tokens, answer_pos, how many demonstrations were kept) for the longest suffix of
+    ``demonstrations`` whose prompt fits ``max_seq_len``; None if not even one fits.
+
+    Whole demonstrations are dropped, the first (farthest from the question) first, as MetaICL
+    keeps the end of a too-long context; the question is never cut while one is left."""
+    for start in range(len(demonstrations)):
+        kept = demonstrations[start:]
+        try:
+            tokens, pos = _build(example, tokenizer, chat_template, info, kept)
+        except _AnswerNotFound:  # the tokenizer cut it to its own max_seq_len: too long
+            continue
+        if len(tokens) <= max_seq_len:
+            return tokens, pos, len(kept)
+    return None
+
+
+def tokenize_example(
+    example: MCExample, tokenizer, max_seq_len: int, chat_template: bool = False, demonstrations=()
+) -> dict:
     """Tokenize one example with its answer letter as the only trained token.
 
-    Returns ``{"tokens", "labels", "answer_pos", "label", "num_options"}``. Sequences longer than
-    ``max_seq_len`` are shortened by cutting characters from the end of the question text
-    (``example.input``); the header, the choices and the answer are never cut. If even an empty
-    question does not fit, raises ``ValueError`` naming the task and ``max_seq_len``.
+    Returns ``{"tokens", "labels", "answer_pos", "label", "num_options", "demonstrations"}``.
+    ``demonstrations``: solved examples put before the question (module docstring); the
+    caller chooses them (:class:`abmll.data.TaskSampler` draws them from the task, never the
+    question itself). A prompt longer than ``max_seq_len`` first loses whole demonstrations,
+    the first first (``"demonstrations"`` says how many were kept); with none left, it is
+    shortened by cutting characters from the end of the question text (``example.input``); the
+    header, the choices and the answer are never cut. If even an empty question does not fit,
+    raises ``ValueError`` naming the task and ``max_seq_len``.
     """
     info = _answer_letters(tokenizer, chat_template)
+    demonstrations = tuple(demonstrations)
+    if demonstrations:
+        fitted = _with_demonstrations(example, demonstrations, tokenizer, chat_template, info, max_seq_len)
+        if fitted is not None:
+            return _item(example, *fitted)
+    # No demonstrations (or none fits): the zero-shot prompt, its question cut if need be.
     tokens, pos = _build(example, tokenizer, chat_template, info)
     if len(tokens) > max_seq_len:
         text = example.input
@@ -193,6 +269,10 @@ def tokenize_example(example: MCExample, tokenizer, max_seq_len: int, chat_templ
                 lo, tokens, pos = mid, t, p
             else:
                 hi = mid
+    return _item(example, tokens, pos, 0)
+
+
+def _item(example: MCExample, tokens: list[int], pos: int, num_demonstrations: int) -> dict:
     labels = [IGNORE_INDEX] * len(tokens)
     labels[pos] = tokens[pos]
     return {
@@ -201,6 +281,7 @@ def tokenize_example(example: MCExample, tokenizer, max_seq_len: int, chat_templ
         "answer_pos": pos,
         "label": example.label,
         "num_options": len(example.options),
+        "demonstrations": num_demonstrations,  # kept before the question (0: zero-shot)
     }
 
 

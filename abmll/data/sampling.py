@@ -1,7 +1,9 @@
-"""Seeded support/query sampling over tasks (no global RNG)."""
+"""Seeded support/query sampling over tasks (no global RNG), and the in-context demonstrations
+each example's prompt carries (``data.num_demonstrations``)."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
@@ -9,7 +11,16 @@ import torch
 from .examples import MCExample
 from .prompt import collate_mc, tokenize_example
 
-__all__ = ["TaskSampler"]
+__all__ = ["DEMONSTRATION_POOLS", "TaskSampler", "summarize_prompt_lengths"]
+
+log = logging.getLogger(__name__)
+
+#: Where an example's demonstrations come from (``TaskSampler(demonstration_pool=...)``):
+#: ``"task"``: every other example of its task (a training task: its training file);
+#: ``"support"``: the task's support examples, the labelled few-shot set that test-time
+#: adaptation is given (an unseen task; :meth:`TaskSampler.adaptation_split` chooses them).
+DEMONSTRATION_POOLS = ("task", "support")
+_SUPPORT_POOL = "its support examples: learner.inner_steps x data.batch_size"
 
 
 def _rng(*parts) -> random.Random:
@@ -27,12 +38,28 @@ def _draw(rng: random.Random, n_items: int, n: int) -> list[int]:
     return out
 
 
+def _count(value) -> int:
+    """``data.num_demonstrations`` as an int >= 0 (a bool, a fraction or text is refused)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not ok:
+        raise ValueError(f"config key `data.num_demonstrations` must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 class TaskSampler:
     """Batches of tokenized examples per task, reproducible from ``seed``.
 
     Tokenization is lazy and cached per example. Batches are collated dicts (see
     :func:`abmll.data.collate_mc`) padded with ``tokenizer.pad_id`` (falls back to
     ``eos_id``, then 0, when the tokenizer has none).
+
+    ``num_demonstrations`` k > 0: every prompt (support, query, pooled and evaluation batches
+    alike) starts with k solved examples of its task, drawn from ``demonstration_pool``
+    (:data:`DEMONSTRATION_POOLS`) by a generator keyed by (seed, task, example index): the same
+    for every method within a seed. Never the example itself, nor one with the same question
+    and choices (a duplicate would show the answer). For an unseen task the pool is its support
+    examples, so a demonstration is never an example that is evaluated, and ICL uses no labels
+    beyond those test-time adaptation is given.
     """
 
     def __init__(
@@ -45,6 +72,8 @@ class TaskSampler:
         seed: int,
         chat_template: bool = False,
         eval_batch_size: int | None = None,
+        num_demonstrations: int = 0,
+        demonstration_pool: str = "task",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -67,6 +96,16 @@ class TaskSampler:
             pad = getattr(tokenizer, "eos_id", None)
         self.pad_id: int = 0 if pad is None else int(pad)
         self._cache: dict[tuple[str, int], dict] = {}
+        self.num_demonstrations = _count(num_demonstrations)
+        if demonstration_pool not in DEMONSTRATION_POOLS:
+            raise ValueError(f"demonstration_pool must be one of {DEMONSTRATION_POOLS}, got {demonstration_pool!r}")
+        self.demonstration_pool = demonstration_pool
+        self._pools: dict[str, list[int]] = {}  # "support" pools, set by adaptation_split
+        self._questions: dict[str, dict[tuple, list[int]]] = {}  # per task: (input, options) -> indices
+        self._splits: dict[str, tuple[list[int], list[int]]] = {}  # per task: (support, evaluated)
+        self._dropped: dict[str, int] = {}  # per task: prompts that lost demonstrations to max_seq_len
+        if demonstration_pool == "task":
+            self.check_demonstration_pools(0)
 
     # -- helpers -----------------------------------------------------------------------------
     def _check_task(self, task: str) -> list[MCExample]:
@@ -78,9 +117,116 @@ class TaskSampler:
         key = (task, idx)
         item = self._cache.get(key)
         if item is None:
-            item = tokenize_example(self.tasks[task][idx], self.tokenizer, self.max_seq_len, self.chat_template)
+            exs = self.tasks[task]
+            demos = [exs[j] for j in self.demonstrations(task, idx)]
+            item = tokenize_example(exs[idx], self.tokenizer, self.max_seq_len, self.chat_template, demos)
+            if item["demonstrations"] < len(demos):
+                self._note_dropped(task, len(demos) - item["demonstrations"], len(item["tokens"]))
             self._cache[key] = item
         return item
+
+    # -- demonstrations ----------------------------------------------------------------------
+    def _check_pool_size(self, task: str, pool_size: int, pool: str) -> None:
+        """An example in the pool cannot be its own demonstration: k <= pool size - 1."""
+        if self.num_demonstrations > pool_size - 1:
+            raise ValueError(
+                f"config key `data.num_demonstrations`={self.num_demonstrations} is more than task "
+                f"{task!r} can give: its demonstration pool ({pool}) has {pool_size} examples, and an "
+                f"example is never its own demonstration, so at most {max(pool_size - 1, 0)}"
+            )
+
+    def check_demonstration_pools(self, num_support: int) -> None:
+        """Refuse, before anything runs, a ``num_demonstrations`` that a task's pool cannot
+        give (``"support"`` pools: ``num_support`` batches of ``batch_size``)."""
+        if not self.num_demonstrations:
+            return
+        for task, exs in self.tasks.items():
+            if self.demonstration_pool == "task":
+                self._check_pool_size(task, len(exs), "the task's examples")
+            else:
+                n = min(num_support * self.batch_size, len(exs))
+                self._check_pool_size(task, n, _SUPPORT_POOL)
+
+    def set_demonstration_pool(self, task: str, indices) -> None:
+        """The examples of ``task`` its prompts take demonstrations from (``"support"`` pools:
+        :meth:`adaptation_split` calls it; ``abmll adapt`` with a user's support rows).
+        Prompts already tokenized with another pool are redone."""
+        self._check_task(task)
+        indices = [int(i) for i in indices]
+        if self._pools.get(task) == indices:
+            return
+        self._check_pool_size(task, len(indices), _SUPPORT_POOL)
+        self._pools[task] = indices
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != task}
+
+    def _pool(self, task: str) -> list[int] | range:
+        if self.demonstration_pool == "task":
+            return range(len(self.tasks[task]))
+        pool = self._pools.get(task)
+        if pool is None:
+            raise RuntimeError(
+                f"task {task!r}: its demonstrations come from its support examples, which are not "
+                f"chosen yet (call adaptation_split or set_demonstration_pool first)"
+            )
+        return pool
+
+    def _same_question(self, task: str, idx: int) -> list[int]:
+        """Indices of ``task``'s examples with ``idx``'s question and choices (``idx`` included)."""
+        groups = self._questions.get(task)
+        if groups is None:
+            groups = {}
+            for i, e in enumerate(self.tasks[task]):
+                groups.setdefault((e.input, e.options), []).append(i)
+            self._questions[task] = groups
+        e = self.tasks[task][idx]
+        return groups[(e.input, e.options)]
+
+    def demonstrations(self, task: str, idx: int) -> list[int]:
+        """Indices of the ``num_demonstrations`` examples whose solved prompts come before
+        example ``idx``'s question, in prompt order (empty with k = 0)."""
+        k = self.num_demonstrations
+        if k == 0:
+            return []
+        pool = self._pool(task)
+        same = set(self._same_question(task, idx))
+        in_pool = len(same) if self.demonstration_pool == "task" else len(same.intersection(pool))
+        if k > len(pool) - in_pool:
+            raise ValueError(
+                f"config key `data.num_demonstrations`={k} is more than task {task!r} can give to its "
+                f"example {idx}: the demonstration pool has {len(pool)} examples, {in_pool} of them with "
+                f"that example's question and choices (never shown as its demonstration)"
+            )
+        # A sample of k + in_pool distinct positions holds at least k outside `same`.
+        rng = _rng(self.seed, "demonstrations", task, idx)
+        picks = rng.sample(range(len(pool)), min(len(pool), k + in_pool))
+        return [pool[p] for p in picks if pool[p] not in same][:k]
+
+    def _note_dropped(self, task: str, n_dropped: int, n_tokens: int) -> None:
+        """Count a prompt that lost demonstrations to ``max_seq_len``; log once per task."""
+        self._dropped[task] = self._dropped.get(task, 0) + 1
+        if self._dropped[task] == 1:
+            log.warning(
+                "task %s: a prompt with %d demonstrations is over max_seq_len=%d; whole demonstrations "
+                "are dropped (here %d, leaving %d tokens) before the question is cut. Logged once per "
+                "task and sampler; the test's count: results.json data.test_prompts",
+                task, self.num_demonstrations, self.max_seq_len, n_dropped, n_tokens,
+            )
+
+    def dropped_demonstrations(self) -> dict[str, int]:
+        """Per task, how many of the prompts tokenized so far lost demonstrations."""
+        return dict(self._dropped)
+
+    def prompt_lengths(self) -> dict[str, dict[str, list[int]]]:
+        """Per task split by :meth:`adaptation_split`: the token count and the number of
+        demonstrations of each ``support`` and ``evaluated`` prompt (what a test costs)."""
+        out = {}
+        for task, (support, evaluated) in self._splits.items():
+            out[task] = {}
+            for part, indices in (("support", support), ("evaluated", evaluated)):
+                items = [self.tokenized(task, i) for i in indices]
+                out[task][part] = [len(it["tokens"]) for it in items]
+                out[task][f"{part}_demonstrations"] = [it["demonstrations"] for it in items]
+        return out
 
     def _batches(self, pairs: list[tuple[str, int]], batch_size: int | None = None) -> list[dict]:
         bs = batch_size or self.batch_size
@@ -130,6 +276,11 @@ class TaskSampler:
             if int(max_eval_examples) < 1:
                 raise ValueError(f"max_eval_examples must be >= 1 or None, got {max_eval_examples}")
             rest = rest[: int(max_eval_examples)]
+        if self.num_demonstrations and self.demonstration_pool == "support":
+            # The labelled few-shot set is also the demonstration pool: an evaluated example's
+            # demonstrations are support examples, never another evaluated (or test) example.
+            self.set_demonstration_pool(task, support)
+        self._splits[task] = (support, rest)
         return self.batches(task, support), self.eval_batches(task, rest)
 
     def batches(self, task: str, indices: list[int]) -> list[dict]:
@@ -145,3 +296,26 @@ class TaskSampler:
         self._check_task(task)
         ordered = sorted(indices, key=lambda i: len(self.tokenized(task, i)["tokens"]))
         return self._batches([(task, i) for i in ordered], self.eval_batch_size)
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize_prompt_lengths(per_task: dict[str, dict[str, list[int]]], num_demonstrations: int) -> dict:
+    """What the prompts of a test cost, from :meth:`TaskSampler.prompt_lengths` (the tasks of
+    every process merged): tokens per evaluated and per support prompt (means over all prompts,
+    not over tasks), the demonstrations they kept, and how many lost some to ``max_seq_len``."""
+    def pooled(key):
+        return [v for t in per_task.values() for v in t[key]]
+
+    kept = pooled("evaluated_demonstrations") + pooled("support_demonstrations")
+    return {
+        "evaluated_prompts": len(pooled("evaluated")),
+        "tokens_per_evaluated_prompt": _mean(pooled("evaluated")),
+        "support_prompts": len(pooled("support")),
+        "tokens_per_support_prompt": _mean(pooled("support")),
+        "demonstrations_per_evaluated_prompt": _mean(pooled("evaluated_demonstrations")),
+        "prompts_with_dropped_demonstrations": sum(d < num_demonstrations for d in kept),
+        "tokens_per_evaluated_prompt_per_task": {t: _mean(v["evaluated"]) for t, v in per_task.items()},
+    }

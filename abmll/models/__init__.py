@@ -17,8 +17,11 @@ from abmll.models.smollm2 import (
 from abmll.models.tiny import (
     TinyByteTokenizer,
     gaussian_lora_tiny_llama,
+    gaussian_lora_tiny_qwen2,
     lora_tiny_llama,
+    lora_tiny_qwen2,
     tiny_llama,
+    tiny_qwen2,
     tiny_tokenizer,
 )
 
@@ -38,7 +41,10 @@ __all__ = [
     "gaussian_lora_llama3_8b",
     "gaussian_lora_qwen2_7b",
     "gaussian_lora_tiny_llama",
+    "gaussian_lora_tiny_qwen2",
     "lora_tiny_llama",
+    "lora_tiny_qwen2",
     "tiny_llama",
+    "tiny_qwen2",
     "tiny_tokenizer",
 ]

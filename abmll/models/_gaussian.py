@@ -8,10 +8,18 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 
 from abmll.modules import DEFAULT_C, GaussianLoRALinear
+from abmll.modules.gaussian_lora import SAMPLINGS
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
 #: The paper's Table 5: LoRA on the query, value and output projections.
 DEFAULT_LORA_ATTN_MODULES: List[str] = ["q_proj", "v_proj", "output_proj"]
+
+
+def check_sampling(sampling: str) -> None:
+    """Refuse an unknown ``model.sampling`` in one line naming the key (the builders call this
+    before building the base model, so a typo costs no 8B build)."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"model.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
 
 def add_gaussian_lora(
@@ -20,8 +28,14 @@ def add_gaussian_lora(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
+    sampling: str = "local",
 ) -> nn.Module:
     """Swap the named projections of every attention block for ``GaussianLoRALinear``.
+
+    ``sampling`` is every layer's training-time estimator (the config's ``model.sampling``):
+    ``"local"`` (local reparameterisation, independent output noise per token; the default) or
+    ``"weight"`` (one weight sample per forward call, shared by the batch: the paper's "one
+    sample from the reparameterization step"). See :mod:`abmll.modules.gaussian_lora`.
 
     The base ``nn.Linear``'s weight (and bias) become the frozen ``W0`` of the new layer
     without a copy, so this works on the meta device and keeps state-dict keys
@@ -34,6 +48,7 @@ def add_gaussian_lora(
             f"model.lora_attn_modules must be a non-empty subset of {list(ATTN_PROJECTIONS)}, "
             f"got {list(lora_attn_modules)}"
         )
+    check_sampling(sampling)
     n_swapped = 0
     for attn in [m for m in model.modules() if isinstance(m, MultiHeadAttention)]:
         for name in lora_attn_modules:
@@ -47,6 +62,7 @@ def add_gaussian_lora(
                 alpha=lora_alpha,
                 c=c,
                 use_bias=base.bias is not None,
+                sampling=sampling,
             )
             layer.weight = nn.Parameter(base.weight.data, requires_grad=False)
             if base.bias is not None:

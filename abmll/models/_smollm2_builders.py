@@ -12,7 +12,7 @@ from typing import Any, Dict, Sequence
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 
-from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora, check_sampling
 from abmll.modules import DEFAULT_C
 
 #: SmolLM2-135M's architecture, as torchtune's ``llama3_2`` builder takes it.
@@ -65,16 +65,20 @@ def gaussian_lora_smollm2_135m(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     c: float = DEFAULT_C,
+    sampling: str = "local",
 ) -> TransformerDecoder:
-    """SmolLM2-135M with ``GaussianLoRALinear`` (ABMLL) on the named attention projections.
+    """SmolLM2-135M with ``GaussianLoRALinear`` (ABMLL) on the named attention projections;
+    ``sampling`` (``model.sampling``): the training-time estimator, ``local`` or ``weight``.
 
     Base weights keep torchtune's key names, so ``SmolLM2Checkpointer``'s state dict loads with
     ``strict=False`` and only the adapter keys missing.
     """
+    check_sampling(sampling)
     return add_gaussian_lora(
         smollm2_135m(),
         lora_attn_modules=lora_attn_modules,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         c=c,
+        sampling=sampling,
     )

@@ -1,4 +1,4 @@
-"""A tiny random Llama3-style model and a byte-level tokenizer, for tests and quick runs.
+"""Tiny random Llama3- and Qwen2-style models and a byte-level tokenizer, for tests and quick runs.
 
 Nothing is downloaded: the model is randomly initialised from the seed, and the tokenizer
 maps UTF-8 bytes to ids 0-255 plus a few special tokens. The option letters after a space
@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torchtune.data import Message
 from torchtune.models.llama3 import lora_llama3
 from torchtune.models.llama3._component_builders import llama3
+from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
 from torchtune.modules import TransformerDecoder
 
-from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora
+from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora, check_sampling
 from abmll.modules import DEFAULT_C
 
 _MERGED = (" A", " B", " C", " D")
@@ -67,9 +68,62 @@ def gaussian_lora_tiny_llama(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
+    sampling: str = "local",
 ) -> TransformerDecoder:
     """Tiny decoder with ``GaussianLoRALinear`` on the given attention projections."""
-    return add_gaussian_lora(tiny_llama(), lora_attn_modules, lora_rank, lora_alpha, c)
+    check_sampling(sampling)
+    return add_gaussian_lora(tiny_llama(), lora_attn_modules, lora_rank, lora_alpha, c, sampling)
+
+
+# Qwen2 at the same tiny shape: q/k/v projections with a bias, untied embeddings (as Qwen2-7B),
+# and Qwen2's norm epsilon and RoPE base.
+_TINY_QWEN2_ARCH: Dict[str, Any] = dict(_TINY_ARCH, norm_eps=1e-6, rope_base=1_000_000.0)
+
+
+def tiny_qwen2() -> TransformerDecoder:
+    """Plain tiny Qwen2-style decoder (torchtune's ``qwen2`` builder at the tiny shape)."""
+    return qwen2(**_TINY_QWEN2_ARCH, tie_word_embeddings=False)
+
+
+def lora_tiny_qwen2(
+    lora_attn_modules: Sequence[str] = tuple(DEFAULT_LORA_ATTN_MODULES),
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> TransformerDecoder:
+    """Tiny Qwen2 decoder with torchtune's ``LoRALinear`` on the given attention projections.
+
+    Takes the keys of ``torchtune.models.qwen2.lora_qwen2_7b`` so that a Qwen2-7B config's
+    ``model`` section runs unchanged at this shape (tests/test_config_matrix.py)."""
+    return lora_qwen2(
+        lora_attn_modules=list(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        tie_word_embeddings=False,
+        **_TINY_QWEN2_ARCH,
+    )
+
+
+def gaussian_lora_tiny_qwen2(
+    lora_attn_modules: Sequence[str] = tuple(DEFAULT_LORA_ATTN_MODULES),
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    c: float = DEFAULT_C,
+    sampling: str = "local",
+) -> TransformerDecoder:
+    """Tiny Qwen2 decoder with ``GaussianLoRALinear`` on the given attention projections; the
+    q/k/v biases stay frozen (as in ``abmll.models.gaussian_lora_qwen2_7b``)."""
+    check_sampling(sampling)
+    return add_gaussian_lora(tiny_qwen2(), lora_attn_modules, lora_rank, lora_alpha, c, sampling)
 
 
 class TinyByteTokenizer:
