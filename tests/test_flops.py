@@ -95,13 +95,24 @@ def test_one_layers_counted_flops_equal_the_hand_count_of_its_matmuls(dtype, x_g
         assert floors["local"]["flop_ratio"] > floors["weight"]["flop_ratio"] > 1
 
 
-def test_flop_counter_counts_a_matmul_and_the_cpu_attention():
+def test_flop_counter_counts_a_matmul():
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(torch.mm, a, b) == mm(3, 5, 7)
-    q = torch.randn(1, 2, 8, 4)
+
+
+def test_cpu_attention_flops_are_counted_with_the_cuda_formula():
+    q = torch.randn(2, 4, 64, 16, requires_grad=True)
     with flop_counter() as fc:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert fc.get_total_flops() == 2 * mm(1 * 2 * 8, 4, 8)  # QK^T and PV
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    b, h, s, d = q.shape
+    matmul = 2 * b * h * s * s * d  # one s x s x d product, full (the counter ignores causality)
+    # forward: QK^T and PV; backward: the scores again, dV, dP, dQ and dK
+    assert fc.get_total_flops() == (2 + 5) * matmul
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as plain:  # without the CPU kernel's formula: nothing
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert plain.get_total_flops() == 0
 
 
 def _tiny_layer_units() -> dict:

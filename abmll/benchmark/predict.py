@@ -41,7 +41,6 @@ so the CUDA one is registered for it.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Dict, Optional, Sequence
 
 from abmll.benchmark.flops import flop_counter
@@ -115,10 +114,6 @@ def _without_data():
         torch.Tensor.item, learner_base.model_answer_nll = real_item, real_nll
 
 
-#: The flop counter (CPU flash attention counted with CUDA's formula): abmll.benchmark.flops.
-_flop_counter = flop_counter
-
-
 def fake_episode(config: str, overrides: Sequence[str] = (), *, num_layers: Optional[int] = None,
                  activation_checkpointing: Optional[bool] = None, seq_len: Optional[int] = None,
                  inner_steps: int = PREDICT_INNER_STEPS, fake: bool = True,
@@ -128,18 +123,14 @@ def fake_episode(config: str, overrides: Sequence[str] = (), *, num_layers: Opti
     that fake and real agree). Returns the peak bytes by kind, the FLOPs of the inner steps and
     of the outer step, and what was run."""
     import torch
-    from omegaconf import OmegaConf
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torchtune import config as tt_config, modules, training
 
-    from abmll.benchmark.runner import num_query, random_batch, sampling_of
-    from abmll.config_registry import resolve_config
+    from abmll.benchmark.runner import _load_config, num_query, random_batch, sampling_of
     from abmll.learners.base import Episode
     from torchtune.training.precision import PRECISION_STR_TO_DTYPE
 
-    cfg = OmegaConf.load(resolve_config(config))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = _load_config(config, overrides)
     cpu = torch.device("cpu")
     # The config's dtype as its own device would run it (bf16 for the 8B configs; `auto` is
     # bf16 on an A100 or H100), whatever this CPU computes natively.
@@ -186,12 +177,12 @@ def fake_episode(config: str, overrides: Sequence[str] = (), *, num_layers: Opti
         flops = {}
         for k in (1, 2):
             learner.inner_steps = k
-            with _flop_counter() as counter, _without_data():
+            with flop_counter() as counter, _without_data():
                 learner.train_episode(Episode("predict", support[:k], query))
             flops[k] = counter.get_total_flops()
         learner.inner_steps = int(inner_steps)
         # One evaluation forward (no gradients) of one example, as the test and validation run it.
-        eval_flops = _flop_counter()
+        eval_flops = flop_counter()
         with eval_flops, _without_data(), torch.no_grad():
             learner.nll(random_batch(1, seq_len, vocab, cpu, gen))
     by_kind = {k: int(peak.get(k, 0)) for k in KINDS}
@@ -268,9 +259,6 @@ DEFAULT_MFU = 0.4
 def hours(flops: float, gpu: str, mfu: float = DEFAULT_MFU) -> float:
     return flops / (GPU_PEAK_FLOPS[gpu] * mfu) / 3600.0
 
-
-def round_up(n: float, multiple: float) -> float:
-    return math.ceil(n / multiple) * multiple
 
 
 def epoch_flops(pred: Dict[str, Any], *, train_tasks: int, val_tasks: int, eval_examples: int,
@@ -380,13 +368,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             preds.append(predict_episode(f"{family}/abmll", activation_checkpointing=True, sampling="weight",
                                          check_layers=None if args.no_check else CHECK_LAYERS))
     sdef = split_def(args.split)
-    from omegaconf import OmegaConf
-
-    from abmll.config_registry import resolve_config
+    from abmll.benchmark.runner import _load_config
 
     epochs, n_epochs = {}, None
     for p in preds:
-        cfg = OmegaConf.load(resolve_config(p["config"]))
+        cfg = _load_config(p["config"], ())
         n_epochs = int(cfg.epochs)
         epochs[_key(p)] = epoch_flops(p, train_tasks=len(sdef["train"]), val_tasks=len(sdef["val"]),
                                           eval_examples=int(cfg.data.max_eval_examples_per_task),
