@@ -95,9 +95,13 @@ def test_one_layers_counted_flops_equal_the_hand_count_of_its_matmuls(dtype, x_g
         assert floors["local"]["flop_ratio"] > floors["weight"]["flop_ratio"] > 1
 
 
-def test_flop_counter_counts_a_matmul():
+def test_flop_counter_counts_a_matmul_and_the_cpu_attention_forward():
     a, b = torch.randn(3, 5), torch.randn(5, 7)
     assert count_flops(torch.mm, a, b) == mm(3, 5, 7)
+    q = torch.randn(1, 2, 8, 4)
+    with flop_counter() as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert fc.get_total_flops() == 2 * mm(1 * 2 * 8, 4, 8)  # QK^T and PV
 
 
 def test_cpu_attention_flops_are_counted_with_the_cuda_formula():
