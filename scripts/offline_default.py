@@ -27,7 +27,8 @@ from pathlib import Path
 from abmll.cache import cache_root
 
 # One epoch over the 33 training tasks and no validation (with one epoch there is nothing to
-# select), so that the whole job fits in about 15 minutes on 2 CPU cores. The configs
+# select): about 30 minutes on 2 AVX2 cores in fp32, 10-12 on 2 Zen 4 cores in bf16
+# (docs/performance.md). The configs
 # themselves (2 epochs, validated) are what the offline profile of the table scripts runs.
 DEFAULT_OVERRIDES = ("epochs=1", "eval.validate=false")
 # Config families the script can run: the model's name for the table, and whether the configs
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument(
         "overrides", nargs="*",
         help="key=value overrides passed to both runs, after the defaults "
-        f"{' '.join(DEFAULT_OVERRIDES)} (sized for ~15 minutes on 2 CPU cores)",
+        f"{' '.join(DEFAULT_OVERRIDES)} (about 30 minutes on 2 AVX2 cores in fp32)",
     )
     args = parser.parse_args()
     model_label, uses_bigbench = CONFIG_PREFIXES[args.config_prefix]
