@@ -46,6 +46,8 @@ __all__ = [
     "method",
     "recorded_method",
     "ICL_SUFFIX",
+    "ESTIMATOR_SUFFIX",
+    "estimator_method",
     "canonical_method",
     "method_label",
     "RESULTS_FILE",
@@ -81,6 +83,10 @@ class Method:
 #: (``data.num_demonstrations`` > 0): :func:`recorded_method`.
 ICL_SUFFIX = "-ICL"
 _ICL = ("data.num_demonstrations=4",)  # the "+ ICL" rows: 4 solved examples (MetaICL's default is 16)
+#: Appended by the reporting to a Gaussian method's row when its run trained with the estimator
+#: that is not the default (``model.sampling``, :func:`estimator_method`): local reparameterisation
+#: and one weight sample per forward are rows of their own, and never pooled as seeds.
+ESTIMATOR_SUFFIX = {"local": "-L", "weight": "-W"}
 
 # The paper's row order (Table 1), each variant after its method: "Pretrained + TTA" (LoRA from
 # zero, test-time adaptation only), ABMLL with learner.outer_gradient=first_order, and the "+ ICL"
@@ -101,6 +107,9 @@ METHODS: Tuple[Method, ...] = (
            overrides=("learner.outer_gradient=first_order",), has_beta=True, in_paper=False),
     Method("ABMLL-ICL", "ABMLL + ICL", "abmll_icl", "abmll", "abmll.learners.ABMLL",
            overrides=_ICL, has_beta=True, in_paper=False),
+    # The other training estimator (issue 19): one weight sample per forward, shared by the batch.
+    Method("ABMLL-W", "ABMLL (weight sample)", "abmll_weight", "abmll", "abmll.learners.ABMLL",
+           overrides=("model.sampling=weight",), has_beta=True, in_paper=False),
 )
 _BY_NAME = {m.name: m for m in METHODS}
 METHOD_ORDER: List[str] = [m.name for m in METHODS]
@@ -135,6 +144,20 @@ def method(name: str) -> Method:
 
 def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
+
+
+def estimator_method(method_name: str, sampling: Optional[str]) -> str:
+    """The row of a Gaussian run: ``method_name`` as recorded, plus :data:`ESTIMATOR_SUFFIX` of its
+    ``model.sampling`` unless that is the default. ``None`` is a run from before the key, which
+    trained with ``local`` (:data:`RESUME_ADDED_DEFAULTS`), whatever the default is now.
+    ``("ABMLL", "weight")`` -> ``"ABMLL-W"`` while ``local`` is the default."""
+    from abmll.modules import DEFAULT_SAMPLING
+
+    if sampling is None:
+        sampling = RESUME_ADDED_DEFAULTS[("model", "sampling")]
+    if sampling == DEFAULT_SAMPLING:
+        return method_name
+    return f"{method_name}{ESTIMATOR_SUFFIX.get(sampling, '-' + str(sampling))}"
 
 
 def recorded_method(method_name: str, num_demonstrations: int = 0) -> str:

@@ -381,6 +381,30 @@ def test_comparison_variants_pairs_and_per_task(tmp_path):
     assert "| t2 |" in task_md
 
 
+def test_the_training_estimator_is_part_of_the_row(tmp_path):
+    """ABMLL runs with model.sampling=weight are the "ABMLL (weight sample)" row, never seeds of
+    ABMLL; a run from before the key and one with model.sampling=local are the same row."""
+    from abmll.reporting.compare import method_runs
+    from abmll.run_contract import method
+
+    root = tmp_path / "runs"
+    for seed, sampling in ((0, None), (1, "local"), (2, "local")):  # seed 0: before the key
+        model = {"_component_": "m"} if sampling is None else {"_component_": "m", "sampling": sampling}
+        fake_run(root, "s", "ABMLL", seed, 0.5 + seed / 100, 0.1, epochs=1, extra_cfg={"model": model})
+    for seed in (0, 1):
+        fake_run(root, "s", "ABMLL", seed, 0.4, 0.2, epochs=1, dirname="abmll_weight",
+                 extra_cfg={"model": {"_component_": "m", "sampling": "weight"}})
+    results = load_results(root)
+    assert not results.problems  # no config mismatch between seed 0 (no key) and seeds 1-2
+    by_method = method_runs(results, "s")
+    assert list(by_method) == ["ABMLL", "ABMLL-W"]
+    assert sorted(r.seed for r in by_method["ABMLL"]) == [0, 1, 2]
+    assert sorted(r.seed for r in by_method["ABMLL-W"]) == [0, 1]
+    assert all(r.beta == 1e-8 for r in by_method["ABMLL-W"])  # grouped by beta like ABMLL
+    entry = method("abmll_weight")
+    assert (entry.name, entry.label, entry.overrides) == ("ABMLL-W", "ABMLL (weight sample)", ("model.sampling=weight",))
+
+
 def test_runs_on_other_tasks_under_the_same_split_name_are_not_pooled(tmp_path):
     root = tmp_path / "runs"
     for seed, sha, split_file in ((0, "aaa", None), (1, "aaa", None), (2, "bbb", "/my/split.yaml")):

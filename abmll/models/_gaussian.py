@@ -7,7 +7,7 @@ from typing import List, Sequence
 from torch import nn
 from torchtune.modules import MultiHeadAttention
 
-from abmll.modules import DEFAULT_C, GaussianLoRALinear
+from abmll.modules import DEFAULT_C, DEFAULT_SAMPLING, GaussianLoRALinear
 from abmll.modules.gaussian_lora import SAMPLINGS
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -28,7 +28,7 @@ def add_gaussian_lora(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> nn.Module:
     """Swap the named projections of every attention block for ``GaussianLoRALinear``.
 

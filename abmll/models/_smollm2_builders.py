@@ -13,7 +13,7 @@ from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_
 from torchtune.modules import TransformerDecoder
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora, check_sampling
-from abmll.modules import DEFAULT_C
+from abmll.modules import DEFAULT_C, DEFAULT_SAMPLING
 
 #: SmolLM2-135M's architecture, as torchtune's ``llama3_2`` builder takes it.
 SMOLLM2_135M_CONFIG: Dict[str, Any] = dict(
@@ -65,7 +65,7 @@ def gaussian_lora_smollm2_135m(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     """SmolLM2-135M with ``GaussianLoRALinear`` (ABMLL) on the named attention projections;
     ``sampling`` (``model.sampling``): the training-time estimator, ``local`` or ``weight``.

@@ -18,7 +18,7 @@ from torchtune.models.qwen2 import qwen2_7b
 from torchtune.modules import TransformerDecoder
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora, check_sampling
-from abmll.modules import DEFAULT_C
+from abmll.modules import DEFAULT_C, DEFAULT_SAMPLING
 
 _DEFAULT = tuple(DEFAULT_LORA_ATTN_MODULES)
 
@@ -28,7 +28,7 @@ def gaussian_lora_llama3_8b(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     """Llama3-8B (the paper's model) with Gaussian LoRA on q/v/output by default."""
     check_sampling(sampling)
@@ -40,7 +40,7 @@ def gaussian_lora_llama3_1_8b(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     check_sampling(sampling)
     return add_gaussian_lora(llama3_1_8b(), lora_attn_modules, lora_rank, lora_alpha, c, sampling)
@@ -51,7 +51,7 @@ def gaussian_lora_llama3_2_1b(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     check_sampling(sampling)
     return add_gaussian_lora(llama3_2_1b(), lora_attn_modules, lora_rank, lora_alpha, c, sampling)
@@ -62,7 +62,7 @@ def gaussian_lora_llama3_2_3b(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     check_sampling(sampling)
     return add_gaussian_lora(llama3_2_3b(), lora_attn_modules, lora_rank, lora_alpha, c, sampling)
@@ -73,7 +73,7 @@ def gaussian_lora_qwen2_7b(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     """Qwen2-7B; its q/k/v projections carry a bias, which stays frozen."""
     check_sampling(sampling)

@@ -17,7 +17,7 @@ from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
 from torchtune.modules import TransformerDecoder
 
 from abmll.models._gaussian import DEFAULT_LORA_ATTN_MODULES, add_gaussian_lora, check_sampling
-from abmll.modules import DEFAULT_C
+from abmll.modules import DEFAULT_C, DEFAULT_SAMPLING
 
 _MERGED = (" A", " B", " C", " D")
 TINY_VOCAB_SIZE = 264  # 256 bytes + bos, eos, pad + 4 merged letters, rounded up
@@ -68,7 +68,7 @@ def gaussian_lora_tiny_llama(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     """Tiny decoder with ``GaussianLoRALinear`` on the given attention projections."""
     check_sampling(sampling)
@@ -118,7 +118,7 @@ def gaussian_lora_tiny_qwen2(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     c: float = DEFAULT_C,
-    sampling: str = "local",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> TransformerDecoder:
     """Tiny Qwen2 decoder with ``GaussianLoRALinear`` on the given attention projections; the
     q/k/v biases stay frozen (as in ``abmll.models.gaussian_lora_qwen2_7b``)."""

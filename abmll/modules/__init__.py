@@ -1,5 +1,6 @@
 from abmll.modules.gaussian_lora import (
     DEFAULT_C,
+    DEFAULT_SAMPLING,
     GaussianLoRALinear,
     PAIRS,
     PHI_PAIRS,
@@ -12,6 +13,7 @@ from abmll.modules.gaussian_lora import (
 
 __all__ = [
     "DEFAULT_C",
+    "DEFAULT_SAMPLING",
     "GaussianLoRALinear",
     "PAIRS",
     "PHI_PAIRS",

@@ -60,6 +60,9 @@ MODES = ("sample", "mean")
 DEFAULT_C = -20.0
 #: Training-time estimators (``GaussianLoRALinear.sampling``); see the module docstring.
 SAMPLINGS = ("local", "weight")
+#: The default estimator of every Gaussian builder and config; the one place to change it. Runs
+#: recorded before ``model.sampling`` existed used it too (the reporting reads them so).
+DEFAULT_SAMPLING = "local"
 #: Dtypes in which the frozen weight resolves the noise of a weight sample (fold W0 + noise).
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
@@ -87,7 +90,7 @@ class GaussianLoRALinear(nn.Module, AdapterModule):
         alpha: float,
         c: float = DEFAULT_C,
         use_bias: bool = False,
-        sampling: str = "local",
+        sampling: str = DEFAULT_SAMPLING,
     ):
         super().__init__()
         if rank <= 0:

@@ -24,8 +24,10 @@ from abmll.run_contract import (
     METHOD_LABELS,
     METHOD_ORDER,
     RESULTS_FILE,
+    RESUME_ADDED_DEFAULTS,
     RunDir,
     canonical_method,
+    estimator_method,
     method_label,
     results_problem,
 )
@@ -210,6 +212,10 @@ def _parse(path: Path) -> Union[RunResult, Problem]:
     method = canonical_method(data.get("method") or data.get("learner") or "")
     beta = None
     if method in ABMLL_METHODS:
+        # The training estimator is part of the method: a run with the non-default one is a
+        # row of its own (results.json records the learner's name; the config says which).
+        sampling = ((data.get("config") or {}).get("model") or {}).get("sampling")
+        method = canonical_method(estimator_method(method, sampling))
         learner_cfg = ((data.get("config") or {}).get("learner") or {})
         if "beta" in learner_cfg:
             try:
@@ -264,6 +270,9 @@ def _config_signature(run: RunResult) -> Dict[str, Any]:
         for k, v in flat.items()
         if not any(k == ig or k.startswith(ig + ".") for ig in _IGNORED_CONFIG_KEYS)
     }
+    # A key added later counts as the value runs without it used (as on resume).
+    for (section, key), value in RESUME_ADDED_DEFAULTS.items():
+        sig.setdefault(f"{section}.{key}", value)
     # dtype: auto is one config value but may be bf16 on one machine and fp32 on another:
     # seeds are compared on the dtype they ran in.
     sig["dtype"] = run.dtype
