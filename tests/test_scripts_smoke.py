@@ -128,6 +128,28 @@ def test_dry_runs_print_the_paper_grid(tmp_path):
     assert proc.returncode != 0 and "unknown method" in proc.stderr
 
 
+def test_dry_run_of_the_qwen2_profile(tmp_path):
+    """--profile paper-qwen2: the qwen2_7b configs, and both tokenizer files from the weights."""
+    weights = tmp_path / "qwen2"
+    weights.mkdir()
+    proc = script("reproduce_table1.py", "--profile", "paper-qwen2", "--dry-run", "--out", tmp_path,
+                  "--checkpoint-dir", weights, "--methods", "abmll", "--seeds", "0")
+    assert proc.returncode == 0, proc.stderr
+    cmds = [l for l in proc.stdout.splitlines() if not l.startswith("#")]
+    assert len(cmds) == 5  # the paper's five splits
+    w = weights.resolve()
+    assert all("--config qwen2_7b/abmll" in c and f"checkpointer.checkpoint_dir={w}" in c
+               and f"tokenizer.path={w}/vocab.json" in c and f"tokenizer.merges_file={w}/merges.txt" in c
+               for c in cmds)
+    proc = script("reproduce_table1.py", "--profile", "paper-qwen2", "--dry-run", "--out", tmp_path,
+                  "--checkpoint-dir", weights, "--tokenizer-path", tmp_path / "my_vocab.json", "--seeds", "0")
+    cmds = [l for l in proc.stdout.splitlines() if not l.startswith("#")]
+    assert cmds and all(c.count("tokenizer.path=") == 1 and f"tokenizer.path={tmp_path.resolve()}/my_vocab.json" in c
+                        and f"tokenizer.merges_file={w}/merges.txt" in c for c in cmds)
+    proc = script("reproduce_table1.py", "--profile", "paper-qwen2", "--out", tmp_path)
+    assert proc.returncode == 2 and "Qwen2-7B-Instruct weights" in proc.stderr
+
+
 def test_benchmark_memory_tiny(tmp_path):
     proc = script("benchmark_memory.py", "--config-pair", "tiny", "--episodes", "1", "--seq-len", "64",
                   "--json", tmp_path / "m.json")

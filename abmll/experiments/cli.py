@@ -59,11 +59,12 @@ def build_parser(what: str, description: str) -> argparse.ArgumentParser:
     if what == "table3":
         p.add_argument("--betas", nargs="+", default=None,
                        help="log10 beta values (default 0 -5 -8 -16)")
-    p.add_argument("--data-dir", default=None, help="task directory (data.data_dir); required for paper")
+    p.add_argument("--data-dir", default=None, help="task directory (data.data_dir); required for paper and paper-qwen2")
     p.add_argument("--checkpoint-dir", default=None,
-                   help="model weights (checkpointer.checkpoint_dir); required for paper")
+                   help="model weights (checkpointer.checkpoint_dir); required for paper and paper-qwen2")
     p.add_argument("--tokenizer-path", default=None,
-                   help="tokenizer file (tokenizer.path); paper default: CHECKPOINT_DIR/tokenizer.model")
+                   help="tokenizer file (tokenizer.path); default for paper: CHECKPOINT_DIR/tokenizer.model, "
+                   "for paper-qwen2: CHECKPOINT_DIR/vocab.json (and merges.txt)")
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
                    help="extra config override for every run (repeatable)")
@@ -81,7 +82,7 @@ def _check_args(parser: argparse.ArgumentParser, profile: Profile, args) -> None
     if profile.needs_data_dir and args.data_dir is None and not os.environ.get("ABMLL_METAICL_DATA"):
         missing.append("--data-dir (the MetaICL-layout task directory, or set ABMLL_METAICL_DATA)")
     if profile.needs_checkpoint_dir and args.checkpoint_dir is None:
-        missing.append("--checkpoint-dir (Llama3-8B-Instruct weights, e.g. from `tune download`)")
+        missing.append(f"--checkpoint-dir ({profile.model_name or 'model'} weights, e.g. from `tune download`)")
     if missing:
         parser.error(f"--profile {profile.name} needs " + " and ".join(missing))
     for flag, value in (("--data-dir", args.data_dir), ("--checkpoint-dir", args.checkpoint_dir)):

@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from abmll.reporting.results import PAPER_SPLITS, PAPER_TABLE2_SPLITS, default_abmll_beta, log10_beta
 from abmll.run_contract import RunDir
@@ -53,8 +53,11 @@ class Profile:
     overrides: Sequence[str] = ()  # appended to every run (before the user's --set)
     needs_data_dir: bool = False
     needs_checkpoint_dir: bool = False
-    # The tokenizer file lives with the weights (Llama3: CHECKPOINT_DIR/tokenizer.model).
-    tokenizer_in_checkpoint_dir: Optional[str] = None
+    # Tokenizer files that live with the weights, as (tokenizer key, file name): Llama3's
+    # CHECKPOINT_DIR/tokenizer.model; Qwen2's vocab.json and merges.txt. --tokenizer-path
+    # replaces the first (tokenizer.path).
+    tokenizer_files: Tuple[Tuple[str, str], ...] = ()
+    model_name: str = ""  # named where the weights are asked for
     jobs: int = 1
     description: str = ""
 
@@ -69,9 +72,24 @@ PROFILES: Dict[str, Profile] = {
         figure_split="cls45",
         needs_data_dir=True,
         needs_checkpoint_dir=True,
-        tokenizer_in_checkpoint_dir="tokenizer.model",
+        tokenizer_files=(("path", "tokenizer.model"),),
+        model_name="Llama3-8B-Instruct",
         description="Llama3-8B, CrossFit/UnifiedQA splits, epochs from the llama3_8b configs (500), "
         "3 seeds; one GPU (the paper: an A100 40GB)",
+    ),
+    "paper-qwen2": Profile(
+        name="paper-qwen2",
+        config_prefix="qwen2_7b",
+        splits=PAPER_SPLITS,
+        table2_splits=PAPER_TABLE2_SPLITS,
+        table3_split="cls45",
+        figure_split="cls45",
+        needs_data_dir=True,
+        needs_checkpoint_dir=True,
+        tokenizer_files=(("path", "vocab.json"), ("merges_file", "merges.txt")),
+        model_name="Qwen2-7B-Instruct",
+        description="the paper profile on Qwen2-7B-Instruct (the paper's later version) with the "
+        "qwen2_7b configs; one GPU",
     ),
     "offline": Profile(
         name="offline",
@@ -144,11 +162,13 @@ def common_overrides(profile: Profile, args) -> List[str]:
         out.append(f"checkpointer.checkpoint_dir={ckpt}")
     elif profile.needs_checkpoint_dir:
         out.append("checkpointer.checkpoint_dir=<CHECKPOINT_DIR>")
+    where = str(ckpt) if ckpt is not None else "<CHECKPOINT_DIR>"
+    for key, name in profile.tokenizer_files:
+        if key == "path" and args.tokenizer_path is not None:
+            continue
+        out.append(f"tokenizer.{key}={where}/{name}")
     if args.tokenizer_path is not None:
         out.append(f"tokenizer.path={Path(args.tokenizer_path).expanduser().resolve()}")
-    elif profile.tokenizer_in_checkpoint_dir:
-        where = str(ckpt) if ckpt is not None else "<CHECKPOINT_DIR>"
-        out.append(f"tokenizer.path={where}/{profile.tokenizer_in_checkpoint_dir}")
     out.extend(args.set or [])
     return out
 
