@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -62,30 +62,29 @@ class Profile:
     description: str = ""
 
 
+_PAPER = Profile(
+    name="paper",
+    config_prefix="llama3_8b",
+    splits=PAPER_SPLITS,
+    table2_splits=PAPER_TABLE2_SPLITS,
+    table3_split="cls45",
+    figure_split="cls45",
+    needs_data_dir=True,
+    needs_checkpoint_dir=True,
+    tokenizer_files=(("path", "tokenizer.model"),),
+    model_name="Llama3-8B-Instruct",
+    description="Llama3-8B, CrossFit/UnifiedQA splits, epochs from the llama3_8b configs (500), "
+    "3 seeds; one GPU (the paper: an A100 40GB)",
+)
+
+
 PROFILES: Dict[str, Profile] = {
-    "paper": Profile(
-        name="paper",
-        config_prefix="llama3_8b",
-        splits=PAPER_SPLITS,
-        table2_splits=PAPER_TABLE2_SPLITS,
-        table3_split="cls45",
-        figure_split="cls45",
-        needs_data_dir=True,
-        needs_checkpoint_dir=True,
-        tokenizer_files=(("path", "tokenizer.model"),),
-        model_name="Llama3-8B-Instruct",
-        description="Llama3-8B, CrossFit/UnifiedQA splits, epochs from the llama3_8b configs (500), "
-        "3 seeds; one GPU (the paper: an A100 40GB)",
-    ),
-    "paper-qwen2": Profile(
+    "paper": _PAPER,
+    # The paper's later version adds Qwen2-7B-Instruct: the same grid on the qwen2_7b configs.
+    "paper-qwen2": replace(
+        _PAPER,
         name="paper-qwen2",
         config_prefix="qwen2_7b",
-        splits=PAPER_SPLITS,
-        table2_splits=PAPER_TABLE2_SPLITS,
-        table3_split="cls45",
-        figure_split="cls45",
-        needs_data_dir=True,
-        needs_checkpoint_dir=True,
         tokenizer_files=(("path", "vocab.json"), ("merges_file", "merges.txt")),
         model_name="Qwen2-7B-Instruct",
         description="the paper profile on Qwen2-7B-Instruct (the paper's later version) with the "
