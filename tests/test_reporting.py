@@ -403,6 +403,12 @@ def test_the_training_estimator_is_part_of_the_row(tmp_path):
     assert all(r.beta == 1e-8 for r in by_method["ABMLL-W"])  # grouped by beta like ABMLL
     entry = method("abmll_weight")
     assert (entry.name, entry.label, entry.overrides) == ("ABMLL-W", "ABMLL (weight sample)", ("model.sampling=weight",))
+    # --methods restricts the comparison too (here to the two estimators, without Pretrained).
+    fake_run(root, "s", "Pretrained", 0, 0.3, 0.4, epochs=1)
+    aggregate_main([str(root), "--out", str(tmp_path / "t"), "--methods", "ABMLL,abmll_weight", "--no-latex"])
+    rows = [l.split("|")[1].strip() for l in (tmp_path / "t" / "comparison_s.md").read_text().splitlines()
+            if l.startswith("| ") and l.split("|")[2].strip().isdigit()]
+    assert rows == ["ABMLL", "ABMLL (weight sample)"]
 
 
 def test_runs_on_other_tasks_under_the_same_split_name_are_not_pooled(tmp_path):

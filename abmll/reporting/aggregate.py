@@ -175,8 +175,11 @@ def aggregate(
         "Validation accuracy and ECE per epoch (mean over seeds, moving average over 3 epochs): "
         "`figure2.csv`" + "".join(f", `{p.name}`" for p in fig_paths[1:]) + ".",
     ] + [f"Note: {n}" for n in notes] + ["", "## Skipped", "", problems_markdown(results)]
+    wanted = None if not methods else {canonical_method(m) for m in methods}
     for s in results.splits():
         by_method = method_runs(results, s, abmll_beta)
+        if wanted is not None:  # --methods restricts the comparison as it does the tables
+            by_method = {m: runs for m, runs in by_method.items() if m in wanted}
         if not by_method:
             continue
         comp_csv = comparison_csv(by_method)
