@@ -401,6 +401,11 @@ def test_the_training_estimator_is_part_of_the_row(tmp_path):
     assert sorted(r.seed for r in by_method["ABMLL"]) == [0, 1, 2]
     assert sorted(r.seed for r in by_method["ABMLL-W"]) == [0, 1]
     assert all(r.beta == 1e-8 for r in by_method["ABMLL-W"])  # grouped by beta like ABMLL
+    from abmll.reporting.compare import comparison_rows
+
+    for r in by_method["ABMLL-W"]:  # a temperature-scaled test: the + TS control row follows
+        r.data["test_ts"] = {"mean": r.data["test"]["mean"]}
+    assert [row.key for row in comparison_rows(by_method)] == ["ABMLL", "ABMLL-W", "ABMLL-W+TS"]
     entry = method("abmll_weight")
     assert (entry.name, entry.label, entry.overrides) == ("ABMLL-W", "ABMLL (weight sample)", ("model.sampling=weight",))
     # --methods restricts the comparison too (here to the two estimators, without Pretrained).
@@ -483,7 +488,7 @@ def test_comparison_has_ts_rows_new_columns_and_uncertainty_figures(tmp_path):
     aggregate([root], tmp_path / "tables", latex=False)
     md = (tmp_path / "tables" / "comparison_nli.md").read_text()
     assert "| Pretrained + TS | 2 |" in md and "| ABMLL + TS | 2 |" in md
-    assert "Reptile + TS" not in md  # the control is for Pretrained, Regular LoRA and ABMLL
+    assert "Reptile + TS" not in md  # the control is for Pretrained, Regular LoRA and ABMLL (and their variants)
     assert "ECE (15 bins, fraction)" in md and "AURC" in md and "MI (nats)" in md
     ts_row = [line for line in md.splitlines() if line.startswith("| ABMLL + TS")][0]
     assert "| 0.050 ± 0.000 |" in ts_row  # the ECE of test_ts, not of test

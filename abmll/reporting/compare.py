@@ -35,8 +35,10 @@ __all__ = ["method_runs", "comparison_rows", "comparison_csv", "comparison_markd
 #: table would not fit; acc_at_80 stands for them).
 METRICS = tuple(m for m in TEST_METRICS if m not in ("acc_at_50", "acc_at_90"))
 #: Methods that get a "+ TS" row (their test predictive with one temperature per task fitted on
-#: its support examples): the calibration control a reviewer asks for first.
-TS_METHODS = ("Pretrained", "RegularLoRA", "ABMLL")
+#: its support examples): the calibration control a reviewer asks for first. Pretrained, Regular
+#: LoRA and ABMLL, with their in-context variants and ABMLL's other estimator, so that every
+#: comparison of those rows can ask whether a difference in ECE is more than a temperature.
+TS_METHODS = ("Pretrained", "Pretrained-ICL", "RegularLoRA", "RegularLoRA-ICL", "ABMLL", "ABMLL-ICL", "ABMLL-W")
 
 
 @dataclass(frozen=True)
