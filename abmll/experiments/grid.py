@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from abmll.reporting.results import PAPER_SPLITS, PAPER_TABLE2_SPLITS, default_abmll_beta, log10_beta
 from abmll.run_contract import RunDir
