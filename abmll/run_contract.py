@@ -155,9 +155,10 @@ def estimator_method(method_name: str, sampling: Optional[str]) -> str:
 
     if sampling is None:
         sampling = RESUME_ADDED_DEFAULTS[("model", "sampling")]
-    if sampling == DEFAULT_SAMPLING:
+    suffix = ESTIMATOR_SUFFIX.get(sampling, f"-{sampling}")
+    if sampling == DEFAULT_SAMPLING or method_name.endswith(suffix):  # named already
         return method_name
-    return f"{method_name}{ESTIMATOR_SUFFIX.get(sampling, '-' + str(sampling))}"
+    return f"{method_name}{suffix}"
 
 
 def recorded_method(method_name: str, num_demonstrations: int = 0) -> str:

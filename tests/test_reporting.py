@@ -406,6 +406,9 @@ def test_the_training_estimator_is_part_of_the_row(tmp_path):
     for r in by_method["ABMLL-W"]:  # a temperature-scaled test: the + TS control row follows
         r.data["test_ts"] = {"mean": r.data["test"]["mean"]}
     assert [row.key for row in comparison_rows(by_method)] == ["ABMLL", "ABMLL-W", "ABMLL-W+TS"]
+    from abmll.run_contract import estimator_method
+
+    assert estimator_method("ABMLL-W", "weight") == "ABMLL-W"  # a name that says it already
     entry = method("abmll_weight")
     assert (entry.name, entry.label, entry.overrides) == ("ABMLL-W", "ABMLL (weight sample)", ("model.sampling=weight",))
     # --methods restricts the comparison too (here to the two estimators, without Pretrained).

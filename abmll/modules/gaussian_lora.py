@@ -60,8 +60,9 @@ MODES = ("sample", "mean")
 DEFAULT_C = -20.0
 #: Training-time estimators (``GaussianLoRALinear.sampling``); see the module docstring.
 SAMPLINGS = ("local", "weight")
-#: The default estimator of every Gaussian builder and config; the one place to change it. Runs
-#: recorded before ``model.sampling`` existed used it too (the reporting reads them so).
+#: The default estimator of every Gaussian builder (the packaged configs say it too, and a test
+#: holds them to it); the reporting names rows by it. Runs recorded before ``model.sampling``
+#: existed trained with "local" whatever this says (``run_contract.RESUME_ADDED_DEFAULTS``).
 DEFAULT_SAMPLING = "local"
 #: Dtypes in which the frozen weight resolves the noise of a weight sample (fold W0 + noise).
 _FOLD_DTYPES = (torch.float32, torch.float64)
