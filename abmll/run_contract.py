@@ -59,6 +59,7 @@ __all__ = [
     "results_problem",
     "RESUME_MUTABLE_KEYS",
     "RESUME_ADDED_DEFAULTS",
+    "with_added_defaults",
     "prepare_output_dir",
     "check_resume_config",
     "write_checkpoint",
@@ -353,7 +354,9 @@ RESUME_MUTABLE_KEYS = (
 RESUME_ADDED_DEFAULTS: Dict[Tuple[str, str], Any] = {("model", "sampling"): "local", ("data", "num_demonstrations"): 0}
 
 
-def _with_added_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+def with_added_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """``config`` with each key of :data:`RESUME_ADDED_DEFAULTS` that it lacks set to the value
+    runs from before that key used (a config written before the key existed)."""
     out = dict(config)
     for (section, key), value in RESUME_ADDED_DEFAULTS.items():
         node = out.get(section)
@@ -365,7 +368,7 @@ def _with_added_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
 def check_resume_config(now: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """Refuse to continue a checkpoint written with a different config (top-level keys; a key
     in :data:`RESUME_ADDED_DEFAULTS` that one side lacks counts as its default)."""
-    now, saved = _with_added_defaults(now), _with_added_defaults(saved)
+    now, saved = with_added_defaults(now), with_added_defaults(saved)
     for key in sorted(set(now) | set(saved)):
         if key in RESUME_MUTABLE_KEYS:
             continue

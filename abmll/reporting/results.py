@@ -24,12 +24,12 @@ from abmll.run_contract import (
     METHOD_LABELS,
     METHOD_ORDER,
     RESULTS_FILE,
-    RESUME_ADDED_DEFAULTS,
     RunDir,
     canonical_method,
     estimator_method,
     method_label,
     results_problem,
+    with_added_defaults,
 )
 
 __all__ = [
@@ -264,15 +264,13 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _config_signature(run: RunResult) -> Dict[str, Any]:
-    flat = _flatten(run.data.get("config") or {})
+    # A key added later counts as the value runs without it used (as on resume).
+    flat = _flatten(with_added_defaults(run.data.get("config") or {}))
     sig = {
         k: v
         for k, v in flat.items()
         if not any(k == ig or k.startswith(ig + ".") for ig in _IGNORED_CONFIG_KEYS)
     }
-    # A key added later counts as the value runs without it used (as on resume).
-    for (section, key), value in RESUME_ADDED_DEFAULTS.items():
-        sig.setdefault(f"{section}.{key}", value)
     # dtype: auto is one config value but may be bf16 on one machine and fp32 on another:
     # seeds are compared on the dtype they ran in.
     sig["dtype"] = run.dtype
