@@ -24,7 +24,7 @@ RECIPE_KEYS: Dict[str, FrozenSet[str]] = {
         "output_dir", "seed", "device", "dtype", "split", "epochs", "stop_after_epoch",
         "resume_from_checkpoint", "overwrite", "log_every_n_steps", "max_steps_per_epoch",
         "enable_activation_checkpointing", "debug_check_replicas", "base_model_name_or_path",
-        "c_relative_std",
+        "c_relative_std", "compile",
         "data", "eval", *COMPONENT_SECTIONS,
     }),
     "data": frozenset({

@@ -337,7 +337,8 @@ def results_problem(data: Any) -> Optional[str]:
 # Keys a resumed run may change without changing the trajectory it continues. Activation
 # checkpointing only trades memory for recomputation (the recomputed forward replays the same
 # RNG state; only floating-point rounding differs), and adapter names do not depend on it
-# (abmll.modules.names), so a run may resume with it on or off.
+# (abmll.modules.names), so a run may resume with it on or off. The same holds for compile
+# (torch.compile keeps eager's random draws and the parameter names: abmll.compiling).
 RESUME_MUTABLE_KEYS = (
     "epochs",
     "stop_after_epoch",
@@ -345,6 +346,7 @@ RESUME_MUTABLE_KEYS = (
     "overwrite",
     "metric_logger",
     "enable_activation_checkpointing",
+    "compile",
 )
 
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params
 
+from abmll.compiling import compile_model
 from abmll.config_keys import check_config_keys
 from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
 from abmll.data import TaskSampler, load_split, option_token_ids, summarize_prompt_lengths, task_lists_sha256
@@ -142,6 +143,11 @@ class ABMLLRecipe:
             raise RecipeConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         # Debugging: after every step, check that all processes hold the same adapters.
         self.check_replicas = bool(cfg.get("debug_check_replicas", False))
+        # compile: torch.compile each transformer layer, as torchtune's recipes do (a speed
+        # option, off by default; the numbers are eager's up to rounding: abmll.compiling).
+        self.compile = cfg.get("compile", False)
+        if not isinstance(self.compile, bool):
+            raise RecipeConfigError(f"config key 'compile' must be true or false, got {self.compile!r}")
         self.stopped_early = False  # set by stop_after_epoch
         self._resume_state = None  # set by setup()
         self._metric_logger = None  # set by setup() (process 0)
@@ -257,6 +263,8 @@ class ABMLLRecipe:
         self.per_task_rng = m > 1 or w > 1
         self.model = self._setup_model(cfg)
         self.learner.setup(self.model, self._device, compute_dtype=self._dtype, replicas=self.replicas)
+        if self.compile:  # after the learner's set-up: the adapters and their flags are in place
+            compile_model(self.model, verbose=self.replicas.is_main)
         self.num_support = self.learner.inner_steps
 
     def _choose_dtype(self) -> torch.dtype:

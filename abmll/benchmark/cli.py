@@ -103,9 +103,15 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
                    help="episodes of the peak-memory runs, each method in its own process (default 1; 0 skips)")
     p.add_argument("--load-weights", action="store_true",
                    help="load the checkpointer's weights (default: random weights; timing does not depend on them)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models (each transformer layer, as the recipe's compile: true) "
+                   "and the single layers before timing; the warm-up rounds absorb the compilation and "
+                   "are reported apart (needs --warmup >= 1). The peak-memory runs stay eager")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements to this JSON file")
     args = p.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1: the warm-up rounds absorb the compilation")
 
     overrides = list(args.set or [])
     if args.dtype:
@@ -119,9 +125,10 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     common = dict(seq_len=args.seq_len, device=args.device, load_weights=args.load_weights)
     try:
         print(f"timing {configs['abmll']} and {configs['regular_lora']} "
-              f"({args.warmup} + {args.rounds} rounds) ...", flush=True)
+              f"({args.warmup} + {args.rounds} rounds{', compiled' if args.compile else ''}) ...", flush=True)
         timing = call_worker("time_pair", dict(configs=configs, overrides=overrides, rounds=args.rounds,
-                                               warmup=args.warmup, sampling=args.sampling, **common),
+                                               warmup=args.warmup, sampling=args.sampling,
+                                               compile=args.compile, **common),
                              args.threads, "timing")
         layers = []
         if args.layer_shape.lower() != "none":
@@ -130,7 +137,7 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
             layers.append(call_worker("time_layer", dict(
                 d_out=d_out, d_in=d_in, tokens=args.layer_tokens, dtype=timing["dtype"].replace(
                     "float32", "fp32").replace("bfloat16", "bf16"), device=timing["device"],
-                rounds=args.rounds, warmup=args.warmup), args.threads, "layer"))
+                rounds=args.rounds, warmup=args.warmup, compile=args.compile), args.threads, "layer"))
         memory = None
         if args.memory_episodes > 0:
             memory = {}

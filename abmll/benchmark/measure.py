@@ -14,6 +14,12 @@ bytes, peak memory, and one adapted layer.
   (:mod:`abmll.benchmark.flops`), the floor of the time ratio.
 * ``time_layer``: one adapted layer's forward and backward, ``GaussianLoRALinear`` (each
   sampling) against torchtune's ``LoRALinear``, timed, and its FLOPs counted apart.
+
+``compile`` (``time_pair``, ``time_layer``): every method's model (layer) ``torch.compile``d the
+same way (:mod:`abmll.compiling`) before anything runs; the warm-up rounds, timed apart, absorb
+the compilation, and the dynamo counters say whether anything compiled during the timed rounds.
+FLOPs are counted on the eager model (``torch.compiler.set_stance("force_eager")``: the same
+matmuls; the counter's module hooks would otherwise be traced).
 """
 
 from __future__ import annotations
@@ -27,6 +33,33 @@ from abmll.benchmark.flops import count_flops
 from abmll.benchmark.probes import rss_bytes, RssSampler, SavedTensorMeter
 from abmll.benchmark.runner import num_query, random_batch, sampling_of, sync, build
 from abmll.modules import DEFAULT_C
+
+
+def _check_warmup(compile: bool, warmup: int) -> None:
+    if compile and warmup < 1:
+        raise ValueError("compile needs at least one warm-up round (--warmup >= 1): the warm-up "
+                         "absorbs the compilation, which would otherwise be timed")
+
+
+def _compile_counters() -> Dict[str, int]:
+    """Dynamo's process-wide counters: graphs compiled, graph breaks (each time one is met
+    while compiling), and frames it gave up on."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "frames_failed": int(counters["frames"]["total"] - counters["frames"]["ok"]),
+    }
+
+
+def _force_eager(compile: bool):
+    """A context in which compiled modules run eagerly (the FLOP counter's episode)."""
+    import contextlib
+
+    import torch
+
+    return torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext()
 
 def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, seq_len: Optional[int] = None,
             load_weights: bool = False, device: Optional[str] = None,
@@ -116,7 +149,7 @@ def measure(config: str, overrides: Sequence[str] = (), *, episodes: int = 2, se
 
 def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds: int = 3, warmup: int = 1,
               seq_len: Optional[int] = None, device: Optional[str] = None, sampling: Optional[str] = None,
-              load_weights: bool = False) -> Dict[str, Any]:
+              load_weights: bool = False, compile: bool = False) -> Dict[str, Any]:
     """Episode wall time of several methods built side by side in this process.
 
     ``configs`` maps a method label to a config, in the order they run in each round (ABMLL then
@@ -125,13 +158,16 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     under ``SavedTensorMeter`` (the saved-for-backward peak; not timed), and one more under
     ``FlopCounterMode`` (``episode_flops``: the real graph on real tensors, matmuls and
     attention, recomputation included; in an episode of its own, because the counter's module
-    hooks keep the outputs alive). All methods count on the same batches.
+    hooks keep the outputs alive). All methods count on the same batches. ``compile``: every
+    model compiled (module docstring); ``warmup_seconds`` are the warm-up rounds' times.
     """
     import torch
 
     from abmll.learners.base import Episode
 
-    built = {label: build(cfg, overrides, load_weights=load_weights, device=device, sampling=sampling)
+    _check_warmup(compile, warmup)
+    built = {label: build(cfg, overrides, load_weights=load_weights, device=device, sampling=sampling,
+                          compile=compile)
              for label, cfg in configs.items()}
     first = next(iter(built.values()))
     cfg0, dev = first[0], first[3]
@@ -144,6 +180,8 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     k = next(iter(k_steps.values()))
     n_query = max(num_query(b[2]) for b in built.values())
     times: Dict[str, list] = {label: [] for label in built}
+    warmup_times: Dict[str, list] = {label: [] for label in built}
+    compiled: Dict[str, Any] = {}
 
     def episode(r: int) -> "Episode":
         gen = torch.Generator().manual_seed(1000 + r)
@@ -152,6 +190,8 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
         return Episode(f"bench{r}", support, query)
 
     for r in range(warmup + rounds):
+        if compile and r == warmup:
+            compiled["after_warmup"] = _compile_counters()
         ep = episode(r)
         for label, (_, _, learner, _, _) in built.items():
             q = ep.query[: num_query(learner)]
@@ -159,8 +199,11 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
             t0 = time.perf_counter()
             learner.train_episode(Episode(ep.task, ep.support, q))
             sync(dev)
-            if r >= warmup:
-                times[label].append(time.perf_counter() - t0)
+            (times if r >= warmup else warmup_times)[label].append(time.perf_counter() - t0)
+    if compile:
+        after = _compile_counters()
+        compiled["graphs_compiled_in_timed_rounds"] = after["graphs"] - compiled["after_warmup"]["graphs"]
+        compiled["after_timed_rounds"] = after
     saved: Dict[str, int] = {}
     ep = episode(warmup + rounds)
     for label, (_, model, learner, _, _) in built.items():
@@ -174,8 +217,9 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
     ep = episode(warmup + rounds + 1)
     for label, (_, _, learner, _, _) in built.items():
         try:  # the counter keeps every module's output alive (activation checkpointing undone)
-            flops[label] = count_flops(learner.train_episode,
-                                       Episode(ep.task, ep.support, ep.query[: num_query(learner)]))
+            with _force_eager(compile):
+                flops[label] = count_flops(learner.train_episode,
+                                           Episode(ep.task, ep.support, ep.query[: num_query(learner)]))
         except torch.OutOfMemoryError as err:  # keep the times measured above
             flops[label], flops_error = None, f"out of memory in the counted episode ({str(err).splitlines()[0]})"
             gc.collect()
@@ -197,7 +241,10 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
         "models": {label: b[0].model._component_ for label, b in built.items()},
         "sampling": {label: sampling_of(b[1]) for label, b in built.items()},
         "activation_checkpointing": bool(cfg0.get("enable_activation_checkpointing", False)),
+        "compile": compile,
+        "compile_stats": compiled or None,
         "episode_seconds": times,
+        "warmup_seconds": warmup_times,
         "saved_for_backward_peak_bytes": saved,
         "episode_flops": flops,
         "episode_flops_error": flops_error,
@@ -206,13 +253,15 @@ def time_pair(configs: Dict[str, str], overrides: Sequence[str] = (), *, rounds:
 
 def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", device: str = "cpu",
                rounds: int = 3, warmup: int = 1, rank: int = 8, alpha: float = 16.0,
-               c: float = DEFAULT_C, samplings: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+               c: float = DEFAULT_C, samplings: Optional[Sequence[str]] = None,
+               compile: bool = False) -> Dict[str, Any]:
     """Forward + backward of one adapted layer: ``GaussianLoRALinear`` (each sampling) against
     torchtune's ``LoRALinear``, on ``tokens`` random inputs, alternating in each round.
 
     Trainable: LoRA's pair, and the Gaussian layer's phi pairs (as in the inner loop); the
     input requires grad (as inside a network). Also the bytes saved for backward per call, and
-    the FLOPs of one forward + backward (``flops``, counted in a call of its own).
+    the FLOPs of one forward + backward (``flops``, counted in a call of its own). ``compile``:
+    each layer compiled (module docstring), before the saved-bytes call, which compiles it.
     """
     import torch
     from torchtune.modules.peft import LoRALinear
@@ -220,6 +269,7 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
     from abmll.modules import PHI_PAIRS
     from abmll.modules.gaussian_lora import SAMPLINGS, GaussianLoRALinear
 
+    _check_warmup(compile, warmup)
     dev = torch.device(device)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)
@@ -233,6 +283,10 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
         pairs = [layer.lora_a.weight, layer.lora_b.weight] if label == "lora" else list(layer.pair_params(PHI_PAIRS))
         for p in pairs:
             p.requires_grad_(True)
+        if compile:
+            from abmll.compiling import compile_module
+
+            compile_module(layer)
     x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
     cot = torch.randn(tokens, d_out, device=dev, dtype=dt)
 
@@ -246,15 +300,17 @@ def time_layer(d_out: int, d_in: int, tokens: int, *, dtype: str = "fp32", devic
             out = layer(x)
         out.backward(cot)
         saved[label] = meter.peak
-    flops = {label: count_flops(step, layer) for label, layer in layers.items()}
+    with _force_eager(compile):
+        flops = {label: count_flops(step, layer) for label, layer in layers.items()}
     times: Dict[str, list] = {label: [] for label in layers}
+    warmup_times: Dict[str, list] = {label: [] for label in layers}
     for r in range(warmup + rounds):
         for label, layer in layers.items():
             sync(dev)
             t0 = time.perf_counter()
             step(layer)
             sync(dev)
-            if r >= warmup:
-                times[label].append(time.perf_counter() - t0)
+            (times if r >= warmup else warmup_times)[label].append(time.perf_counter() - t0)
     return {"d_out": d_out, "d_in": d_in, "tokens": tokens, "dtype": dtype, "device": str(dev),
-            "rank": rank, "seconds": times, "saved_bytes": saved, "flops": flops}
+            "rank": rank, "compile": compile, "seconds": times, "warmup_seconds": warmup_times,
+            "saved_bytes": saved, "flops": flops}

@@ -149,7 +149,9 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
         f"{timing['batch_size']} x {timing['seq_len']} tokens, episodes of {timing['inner_steps']} steps "
         f"(+ {nq} query batch{'es' if nq != 1 else ''} and the outer step for ABMLL), "
         f"ABMLL sampling {timing['sampling'][ab]}, {weights}, random tokens, activation checkpointing "
-        f"{'on' if timing['activation_checkpointing'] else 'off'}; episode time: mean of "
+        f"{'on' if timing['activation_checkpointing'] else 'off'}, compile "
+        f"{'on (torch.compile per transformer layer and of the single layers; memory rows eager)' if timing.get('compile') else 'off'}"
+        f"; episode time: mean of "
         f"{timing['rounds']} alternating rounds (ABMLL then LoRA) after {timing['warmup']} warm-up",
         "",
         "| Measure | Regular LoRA | ABMLL | ABMLL / LoRA | target |",
@@ -168,6 +170,18 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
         f"{_r(timing['saved_for_backward_peak_bytes'][ab], timing['saved_for_backward_peak_bytes'][lo])} | "
         f"<= {TARGETS['saved']} |",
     ]
+    if timing.get("compile"):
+        warm = timing.get("warmup_seconds") or {}
+        w_lo, w_ab = sum(warm.get(lo, [])), sum(warm.get(ab, []))
+        stats = timing.get("compile_stats") or {}
+        after = stats.get("after_timed_rounds") or {}
+        lines += [
+            f"| Warm-up, compilation included ({timing['warmup']} round{'s' if timing['warmup'] != 1 else ''}) | "
+            f"{_fmt_s(w_lo)} | {_fmt_s(w_ab)} | {_r(w_ab, w_lo)} | |",
+            f"| Compiled graphs (both models) / graph breaks met / of them compiled in the timed rounds | | | "
+            f"{after.get('graphs', '—')} / {after.get('graph_breaks', '—')} / "
+            f"{stats.get('graphs_compiled_in_timed_rounds', '—')} | 0 in the timed rounds |",
+        ]
     floor = flop_floor(timing)
     if floor["flop_ratio"] is not None:
         share = floor["floor_share"]
@@ -219,6 +233,9 @@ def benchmark_report(pair: str, timing: Dict[str, Any], memory: Optional[Dict[st
         "ratio: ABMLL's extra time, were it all extra FLOPs done at LoRA's efficiency. Share of the "
         "floor reached = FLOP ratio / time ratio (1.0 = at the floor).",
     ]
+    if timing.get("compile"):
+        lines.append("compile: FLOPs are counted with the compiled modules run eagerly (the same matmuls); "
+                     "layer rows: each layer compiled on its own.")
     if not cuda:
         lines.append("CPU timings are only comparable within one run on an otherwise idle machine.")
     return "\n".join(lines)

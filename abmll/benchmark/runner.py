@@ -33,10 +33,13 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, device, generator):
 
 
 def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = False,
-          device: Optional[str] = None, sampling: Optional[str] = None):
+          device: Optional[str] = None, sampling: Optional[str] = None, compile: bool = False):
     """The config's model (random weights unless ``load_weights``) and set-up learner, in
     training mode, as the recipe builds them. Returns ``(cfg, model, learner, device, precision)``
-    (:class:`abmll.precision.Precision`: the resolved dtype, the CPU capability)."""
+    (:class:`abmll.precision.Precision`: the resolved dtype, the CPU capability). ``compile``:
+    each transformer layer ``torch.compile``d after the learner's set-up, as the recipe's
+    ``compile: true`` (:func:`abmll.compiling.compile_model`; the config's own key is not read:
+    the caller decides)."""
     import torch
     from torchtune import config as tt_config, training, utils
 
@@ -77,6 +80,10 @@ def build(config: str, overrides: Sequence[str] = (), *, load_weights: bool = Fa
     learner = tt_config.instantiate(cfg.learner)
     learner.setup(model, dev, compute_dtype=dtype)  # as the recipe: bf16 compute, float32 adapters
     model.train()
+    if compile:
+        from abmll.compiling import compile_model
+
+        compile_model(model, verbose=False)
     return cfg, model, learner, dev, precision
 
 

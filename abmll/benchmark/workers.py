@@ -9,7 +9,6 @@ branch of :func:`abmll.benchmark.cli.main`) prints one ``MARK`` line of JSON.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional

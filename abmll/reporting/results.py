@@ -246,6 +246,7 @@ _IGNORED_CONFIG_KEYS = (
     "tokenizer.path",
     "device",
     "enable_activation_checkpointing",  # changes rounding only, not the method
+    "compile",  # torch.compile: rounding only (eager's random draws), not the method
     "data.eval_batch_size",  # evaluation batching, not the method
 )
 
