@@ -25,6 +25,7 @@ __all__ = [
     "resolve_config_arg",
     "RecipeConfigError",
     "instantiate",
+    "fill_builder_default",
     "main",
 ]
 
@@ -104,6 +105,36 @@ def instantiate(node, key: str, hint: str = ""):
             f"{key}._component_: cannot build {component!r} ({type(cause).__name__}: {first})"
             + (f"; {hint}" if hint else "")
         ) from None
+
+
+_BUILDERS_OWN = object()
+
+
+def fill_builder_default(node, name: str, value=_BUILDERS_OWN) -> bool:
+    """Write ``node.name`` into a config node that leaves it to its ``_component_``'s default:
+    ``value``, or the component's own default. Nothing happens when the node sets the key, or
+    when its component has no such argument or cannot be imported (:func:`instantiate` then
+    reports it, naming the key). Returns whether the node changed.
+
+    So that a run's recorded config names a choice the builder made for it (``model.sampling``:
+    its estimator), and still names it after the builder's default changes."""
+    import inspect
+
+    from omegaconf import DictConfig, open_dict
+
+    if not isinstance(node, DictConfig) or name in node or "_component_" not in node:
+        return False
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        param = inspect.signature(_get_component_from_path(node.get("_component_"))).parameters.get(name)
+    except Exception:
+        return False
+    if param is None or (value is _BUILDERS_OWN and param.default is inspect.Parameter.empty):
+        return False
+    with open_dict(node):
+        node[name] = param.default if value is _BUILDERS_OWN else value
+    return True
 
 
 def _unknown_argument(key: str, component: str, err: BaseException) -> Optional[str]:

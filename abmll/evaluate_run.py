@@ -58,10 +58,16 @@ def read_finished_run(run, overrides: Sequence[str] = ()):
     auto`` becomes the dtype the run used, so that a test repeats the same computation."""
     from omegaconf import OmegaConf
 
+    from abmll.config_registry import fill_builder_default
+    from abmll.run_contract import RESUME_ADDED_DEFAULTS
+
     saved = run.read_results()
     if saved is None or saved.get("finished") is not True:
         raise EvaluateError(f"{run.results}: no finished run there (its test has not been measured yet)")
     cfg = OmegaConf.create(saved["config"])
+    # A run recorded before model.sampling existed trained with local, whatever the builders'
+    # default is now (run_contract.RESUME_ADDED_DEFAULTS).
+    fill_builder_default(cfg.get("model"), "sampling", RESUME_ADDED_DEFAULTS[("model", "sampling")])
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     if cfg.get("dtype") == "auto" and (saved.get("precision") or {}).get("dtype"):

@@ -47,6 +47,8 @@ __all__ = [
     "recorded_method",
     "ICL_SUFFIX",
     "ESTIMATOR_SUFFIX",
+    "ESTIMATOR_WORDS",
+    "estimator_base",
     "estimator_method",
     "canonical_method",
     "method_label",
@@ -108,9 +110,10 @@ METHODS: Tuple[Method, ...] = (
            overrides=("learner.outer_gradient=first_order",), has_beta=True, in_paper=False),
     Method("ABMLL-ICL", "ABMLL + ICL", "abmll_icl", "abmll", "abmll.learners.ABMLL",
            overrides=_ICL, has_beta=True, in_paper=False),
-    # The other training estimator (issue 19): one weight sample per forward, shared by the batch.
-    Method("ABMLL-W", "ABMLL (weight sample)", "abmll_weight", "abmll", "abmll.learners.ABMLL",
-           overrides=("model.sampling=weight",), has_beta=True, in_paper=False),
+    # The other training estimator (issue 19, note 30): local reparameterisation, output noise
+    # per token (the default before note 30, so every run from before model.sampling existed).
+    Method("ABMLL-L", "ABMLL (local reparam.)", "abmll_local", "abmll", "abmll.learners.ABMLL",
+           overrides=("model.sampling=local",), has_beta=True, in_paper=False),
 )
 _BY_NAME = {m.name: m for m in METHODS}
 METHOD_ORDER: List[str] = [m.name for m in METHODS]
@@ -123,6 +126,8 @@ _ALIASES = {
     **{m.key: m.name for m in METHODS},
     **{m.name.lower(): m.name for m in METHODS},
     **{m.label.lower(): m.name for m in METHODS},
+    # The weight-sample row's names from before note 30 made "weight" the default: now ABMLL's.
+    "abmll_weight": "ABMLL", "abmll-w": "ABMLL",
 }
 
 
@@ -143,15 +148,38 @@ def method(name: str) -> Method:
     return found
 
 
+#: How a row's label names the training estimator it adds (:func:`estimator_method`).
+ESTIMATOR_WORDS = {"local": "local reparam.", "weight": "weight sample"}
+
+
+def estimator_base(name: str) -> str:
+    """The registry method a row varies by its estimator (``"ABMLL-FO-L"`` -> ``"ABMLL-FO"``);
+    any other name as it is."""
+    if name in _BY_NAME:
+        return name
+    for suffix in ESTIMATOR_SUFFIX.values():
+        if name.endswith(suffix) and name[: -len(suffix)] in _BY_NAME:
+            return name[: -len(suffix)]
+    return name
+
+
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    """The row's label; a variant's run with the other estimator (``"ABMLL-FO-L"``) is its
+    method's label with the estimator's words, ``"ABMLL (first-order) (local reparam.)"``."""
+    if name in METHOD_LABELS:
+        return METHOD_LABELS[name]
+    base = estimator_base(name)
+    if base != name:
+        sampling = next(k for k, v in ESTIMATOR_SUFFIX.items() if name.endswith(v))
+        return f"{METHOD_LABELS[base]} ({ESTIMATOR_WORDS[sampling]})"
+    return name
 
 
 def estimator_method(method_name: str, sampling: Optional[str]) -> str:
     """The row of a Gaussian run: ``method_name`` as recorded, plus :data:`ESTIMATOR_SUFFIX` of its
     ``model.sampling`` unless that is the default. ``None`` is a run from before the key, which
     trained with ``local`` (:data:`RESUME_ADDED_DEFAULTS`), whatever the default is now.
-    ``("ABMLL", "weight")`` -> ``"ABMLL-W"`` while ``local`` is the default."""
+    ``("ABMLL", "local")`` -> ``"ABMLL-L"`` while ``weight`` is the default."""
     from abmll.modules import DEFAULT_SAMPLING
 
     if sampling is None:

@@ -49,7 +49,7 @@ from torchtune.modules.peft import get_adapter_params
 
 from abmll.compiling import compile_model
 from abmll.config_keys import check_config_keys
-from abmll.config_registry import RecipeConfigError, instantiate, resolve_config_arg
+from abmll.config_registry import RecipeConfigError, fill_builder_default, instantiate, resolve_config_arg
 from abmll.data import TaskSampler, load_split, option_token_ids, summarize_prompt_lengths, task_lists_sha256
 from abmll.export import save_peft_adapter
 from abmll.evaluation import (
@@ -84,6 +84,10 @@ class ABMLLRecipe:
     """Meta-learning recipe, one device per process. See the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        # A Gaussian model's estimator is recorded even where the config leaves it to the
+        # builder, so that results.json and the checkpoint say which one trained the run
+        # (a config without the key is read as the pre-note-30 default, local).
+        fill_builder_default(cfg.get("model"), "sampling")
         self._device = utils.get_device(device=cfg.get("device", "cpu"))
         # One process, or one of --nproc_per_node N (torchrun): abmll.distributed.
         self.replicas = Replicas.from_environment(self._device)

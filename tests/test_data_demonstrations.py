@@ -310,7 +310,7 @@ def test_registry_rows_and_recorded_names():
         assert recorded_method(method(base).name, 4) == name  # what such a run records
         assert canonical_method(name) == canonical_method(label) == name
     assert METHOD_ORDER == ["Pretrained", "PretrainedTTA", "Pretrained-ICL", "RegularLoRA", "RegularLoRA-ICL",
-                            "StructuredLoRA", "Reptile", "ABMLL", "ABMLL-FO", "ABMLL-ICL", "ABMLL-W"]  # variants after their method
+                            "StructuredLoRA", "Reptile", "ABMLL", "ABMLL-FO", "ABMLL-ICL", "ABMLL-L"]  # variants after their method
     assert "ABMLL-ICL" in ABMLL_METHODS  # grouped by beta like ABMLL
 
 

@@ -17,7 +17,7 @@ from abmll.models import (
     tiny_llama,
     tiny_qwen2,
 )
-from abmll.modules import PAIRS, GaussianLoRALinear, gaussian_lora_modules, gaussian_mode, set_gaussian_mode
+from abmll.modules import DEFAULT_SAMPLING, PAIRS, GaussianLoRALinear, gaussian_lora_modules, gaussian_mode, set_gaussian_mode
 from abmll.modules.gaussian_lora import (
     SAMPLINGS,
     _SampledWeightLinear,
@@ -29,9 +29,9 @@ from abmll.modules.gaussian_lora import (
 )
 
 
-def _layer(c=-2.0, seed=0):
+def _layer(c=-2.0, seed=0, sampling=DEFAULT_SAMPLING):
     torch.manual_seed(seed)
-    layer = GaussianLoRALinear(in_dim=6, out_dim=5, rank=2, alpha=4, c=c)
+    layer = GaussianLoRALinear(in_dim=6, out_dim=5, rank=2, alpha=4, c=c, sampling=sampling)
     with torch.no_grad():
         for p in layer.pair_params(PAIRS):
             p.normal_(0, 0.3)
@@ -79,7 +79,7 @@ def test_mean_mode_is_deterministic_and_equals_w0_plus_mu_phi():
 
 def test_local_reparameterisation_matches_weight_sampling_moments():
     """Training-mode outputs have mean x(W0+mu)^T and variance x^2 exp(lv)^T."""
-    layer = _layer(c=-1.0)
+    layer = _layer(c=-1.0, sampling="local")
     x = torch.randn(1, 6).expand(20000, 6)
     with torch.enable_grad():
         out = layer(x).detach()
@@ -107,8 +107,9 @@ def test_eval_sampling_draws_one_weight_shared_by_the_batch():
     torch.testing.assert_close(outs.var(0), var.detach(), rtol=0.08, atol=0)
 
 
-def test_no_dense_d_out_by_d_in_tensor_is_saved_for_backward_except_w0():
-    layer = GaussianLoRALinear(in_dim=64, out_dim=48, rank=4, alpha=8, c=-5.0)
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_no_dense_d_out_by_d_in_tensor_is_saved_for_backward_except_w0(sampling):
+    layer = GaussianLoRALinear(in_dim=64, out_dim=48, rank=4, alpha=8, c=-5.0, sampling=sampling)
     saved = []
 
     def pack(t):
@@ -124,8 +125,9 @@ def test_no_dense_d_out_by_d_in_tensor_is_saved_for_backward_except_w0():
     assert layer.lora_lv_phi_b.weight.grad is not None
 
 
-def test_gradients_reach_only_phi_through_the_forward():
-    layer = _layer()
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_gradients_reach_only_phi_through_the_forward(sampling):
+    layer = _layer(sampling=sampling)
     layer(torch.randn(2, 6)).sum().backward()
     for name in ("mu_phi", "lv_phi"):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.pair_params((name,)))
@@ -251,7 +253,7 @@ def test_output_std_does_not_overflow_for_large_log_variance_offsets():
 def test_local_noise_is_recomputed_identically_under_checkpoint():
     """The checkpointed noise (std and eps recomputed in the backward) gives the gradients of an
     un-checkpointed forward with the same seed; a different eps in the backward would not."""
-    layer = _layer(c=-1.0)
+    layer = _layer(c=-1.0, sampling="local")
     x = torch.randn(4, 3, 6, requires_grad=True)
     w = torch.randn(4, 3, 5)
     params = [x] + list(layer.pair_params(("mu_phi", "lv_phi")))

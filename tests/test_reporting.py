@@ -95,6 +95,16 @@ METHOD_DIRS = {
 }
 
 
+def _fake_model(method):
+    """The model section a run records: a Gaussian method's names its estimator (the recipe writes
+    the builder's default in when the config leaves it out); without it a run counts as one from
+    before the key, i.e. local, the other estimator's row."""
+    from abmll.modules import DEFAULT_SAMPLING
+    from abmll.run_contract import ABMLL_METHODS
+
+    return {"_component_": "m", **({"sampling": DEFAULT_SAMPLING} if method in ABMLL_METHODS else {})}
+
+
 def fake_run(root: Path, split, method, seed, acc, ece, *, beta=None, val=None, pruning=None,
              history=None, finished=True, dirname=None, epochs=3, extra_cfg=None):
     """Write a results.json shaped like the recipe's."""
@@ -105,7 +115,7 @@ def fake_run(root: Path, split, method, seed, acc, ece, *, beta=None, val=None, 
     if method == "ABMLL":
         learner["beta"] = 1e-8 if beta is None else beta
     cfg = {"output_dir": str(out), "seed": seed, "split": split, "epochs": epochs, "learner": learner,
-           "model": {"_component_": "m"}, **(extra_cfg or {})}
+           "model": _fake_model(method), **(extra_cfg or {})}
     if history is None:
         history = [{"epoch": e, "train": {}, "val": {"accuracy": val[0], "ece": val[1]}} for e in range(1, epochs + 1)]
     data = {
@@ -382,41 +392,55 @@ def test_comparison_variants_pairs_and_per_task(tmp_path):
 
 
 def test_the_training_estimator_is_part_of_the_row(tmp_path):
-    """ABMLL runs with model.sampling=weight are the "ABMLL (weight sample)" row, never seeds of
-    ABMLL; a run from before the key and one with model.sampling=local are the same row."""
-    from abmll.reporting.compare import method_runs
-    from abmll.run_contract import method
+    """Since note 30 the default estimator is weight: ABMLL runs with model.sampling=local, and
+    runs from before the key (which trained with local), are the "ABMLL (local reparam.)" row,
+    never seeds of ABMLL."""
+    from abmll.reporting.compare import comparison_rows, method_runs
+    from abmll.run_contract import estimator_method, method
 
     root = tmp_path / "runs"
     for seed, sampling in ((0, None), (1, "local"), (2, "local")):  # seed 0: before the key
         model = {"_component_": "m"} if sampling is None else {"_component_": "m", "sampling": sampling}
-        fake_run(root, "s", "ABMLL", seed, 0.5 + seed / 100, 0.1, epochs=1, extra_cfg={"model": model})
+        fake_run(root, "s", "ABMLL", seed, 0.5 + seed / 100, 0.1, epochs=1, dirname="abmll_local",
+                 extra_cfg={"model": model})
     for seed in (0, 1):
-        fake_run(root, "s", "ABMLL", seed, 0.4, 0.2, epochs=1, dirname="abmll_weight",
+        fake_run(root, "s", "ABMLL", seed, 0.4, 0.2, epochs=1,
                  extra_cfg={"model": {"_component_": "m", "sampling": "weight"}})
     results = load_results(root)
     assert not results.problems  # no config mismatch between seed 0 (no key) and seeds 1-2
     by_method = method_runs(results, "s")
-    assert list(by_method) == ["ABMLL", "ABMLL-W"]
-    assert sorted(r.seed for r in by_method["ABMLL"]) == [0, 1, 2]
-    assert sorted(r.seed for r in by_method["ABMLL-W"]) == [0, 1]
-    assert all(r.beta == 1e-8 for r in by_method["ABMLL-W"])  # grouped by beta like ABMLL
-    from abmll.reporting.compare import comparison_rows
-
-    for r in by_method["ABMLL-W"]:  # a temperature-scaled test: the + TS control row follows
+    assert list(by_method) == ["ABMLL", "ABMLL-L"]
+    assert sorted(r.seed for r in by_method["ABMLL"]) == [0, 1]
+    assert sorted(r.seed for r in by_method["ABMLL-L"]) == [0, 1, 2]
+    assert all(r.beta == 1e-8 for r in by_method["ABMLL-L"])  # grouped by beta like ABMLL
+    for r in by_method["ABMLL-L"]:  # a temperature-scaled test: the + TS control row follows
         r.data["test_ts"] = {"mean": r.data["test"]["mean"]}
-    assert [row.key for row in comparison_rows(by_method)] == ["ABMLL", "ABMLL-W", "ABMLL-W+TS"]
-    from abmll.run_contract import estimator_method
-
-    assert estimator_method("ABMLL-W", "weight") == "ABMLL-W"  # a name that says it already
-    entry = method("abmll_weight")
-    assert (entry.name, entry.label, entry.overrides) == ("ABMLL-W", "ABMLL (weight sample)", ("model.sampling=weight",))
+    assert [row.key for row in comparison_rows(by_method)] == ["ABMLL", "ABMLL-L", "ABMLL-L+TS"]
+    assert estimator_method("ABMLL-L", "local") == "ABMLL-L"  # a name that says it already
+    assert estimator_method("ABMLL", "weight") == "ABMLL" and estimator_method("ABMLL", None) == "ABMLL-L"
+    entry = method("abmll_local")
+    assert (entry.name, entry.label, entry.overrides) == ("ABMLL-L", "ABMLL (local reparam.)", ("model.sampling=local",))
+    assert method("abmll_weight").name == "ABMLL"  # the weight row's old key: now the default's
     # --methods restricts the comparison too (here to the two estimators, without Pretrained).
     fake_run(root, "s", "Pretrained", 0, 0.3, 0.4, epochs=1)
-    aggregate_main([str(root), "--out", str(tmp_path / "t"), "--methods", "ABMLL,abmll_weight", "--no-latex"])
+    aggregate_main([str(root), "--out", str(tmp_path / "t"), "--methods", "ABMLL,abmll_local", "--no-latex"])
     rows = [l.split("|")[1].strip() for l in (tmp_path / "t" / "comparison_s.md").read_text().splitlines()
             if l.startswith("| ") and l.split("|")[2].strip().isdigit()]
-    assert rows == ["ABMLL", "ABMLL (weight sample)"]
+    assert rows == ["ABMLL", "ABMLL (local reparam.)"]
+    # A variant's run with the other estimator (+ ICL, from before the key) is a row of its own
+    # too, labelled by both, right after the variant, and keeps the variant's + TS row.
+    for seed in (0, 1):
+        out = fake_run(root, "s", "ABMLL-ICL", seed, 0.45, 0.2, epochs=1, dirname="icl_local",
+                       extra_cfg={"model": {"_component_": "m"}})
+        data = json.loads((out / "results.json").read_text())
+        data["test_ts"] = {"mean": data["test"]["mean"]}
+        (out / "results.json").write_text(json.dumps(data))
+    by_method = method_runs(load_results(root), "s")
+    assert list(by_method) == ["Pretrained", "ABMLL", "ABMLL-ICL-L", "ABMLL-L"]
+    from abmll.run_contract import method_label
+
+    assert method_label("ABMLL-ICL-L") == "ABMLL + ICL (local reparam.)"
+    assert "ABMLL-ICL-L+TS" in [row.key for row in comparison_rows(by_method)]
 
 
 def test_runs_on_other_tasks_under_the_same_split_name_are_not_pooled(tmp_path):

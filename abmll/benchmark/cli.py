@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--load-weights", action="store_true", help="load the checkpointer's weights (default: random)")
     p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
                    help="ABMLL's training estimator, overriding the config's model.sampling "
-                   "(default: the config's, local)")
+                   "(default: the config's, weight)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for both (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write both measurements to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -95,7 +95,7 @@ def benchmark_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
     p.add_argument("--sampling", choices=SAMPLING_CHOICES, default=None,
                    help="ABMLL's training estimator, overriding the config's model.sampling "
-                   "(default: the config's, local)")
+                   "(default: the config's, weight)")
     p.add_argument("--layer-shape", default="4096x4096", help="d_out x d_in of the layer rows (default: "
                    "Llama3-8B's q_proj); 'none' skips them")
     p.add_argument("--layer-tokens", type=int, default=512, help="tokens of the layer rows (default 512)")

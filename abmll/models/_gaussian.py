@@ -33,9 +33,9 @@ def add_gaussian_lora(
     """Swap the named projections of every attention block for ``GaussianLoRALinear``.
 
     ``sampling`` is every layer's training-time estimator (the config's ``model.sampling``):
-    ``"local"`` (local reparameterisation, independent output noise per token; the default) or
     ``"weight"`` (one weight sample per forward call, shared by the batch: the paper's "one
-    sample from the reparameterization step"). See :mod:`abmll.modules.gaussian_lora`.
+    sample from the reparameterization step"; the default, docs/notes.md note 30) or ``"local"``
+    (local reparameterisation, independent output noise per token). See :mod:`abmll.modules.gaussian_lora`.
 
     The base ``nn.Linear``'s weight (and bias) become the frozen ``W0`` of the new layer
     without a copy, so this works on the meta device and keeps state-dict keys

@@ -23,7 +23,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from abmll.run_contract import TEST_METRICS
+from abmll.run_contract import TEST_METRICS, estimator_base
 
 from .results import ABMLL_METHODS, ResultSet, RunResult, method_label
 from .stats import summarize, welch_t_test
@@ -38,7 +38,7 @@ METRICS = tuple(m for m in TEST_METRICS if m not in ("acc_at_50", "acc_at_90"))
 #: its support examples): the calibration control a reviewer asks for first. Pretrained, Regular
 #: LoRA and ABMLL, with their in-context variants and ABMLL's other estimator, so that every
 #: comparison of those rows can ask whether a difference in ECE is more than a temperature.
-TS_METHODS = ("Pretrained", "Pretrained-ICL", "RegularLoRA", "RegularLoRA-ICL", "ABMLL", "ABMLL-ICL", "ABMLL-W")
+TS_METHODS = ("Pretrained", "Pretrained-ICL", "RegularLoRA", "RegularLoRA-ICL", "ABMLL", "ABMLL-ICL", "ABMLL-L")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def comparison_rows(by_method: Dict[str, List[RunResult]]) -> List[Row]:
     for m, runs in by_method.items():
         rows.append(Row(m, method_label(m), runs))
         ts_runs = [r for r in runs if r.data.get("test_ts")]
-        if m in TS_METHODS and ts_runs:
+        if estimator_base(m) in TS_METHODS and ts_runs:
             rows.append(Row(f"{m}+TS", f"{method_label(m)} + TS", ts_runs, "test_ts"))
     return rows
 

@@ -26,6 +26,7 @@ from abmll.run_contract import (
     RESULTS_FILE,
     RunDir,
     canonical_method,
+    estimator_base,
     estimator_method,
     method_label,
     results_problem,
@@ -70,7 +71,11 @@ def split_label(split: str) -> str:
 
 
 def method_sort_key(method: str) -> Tuple[int, str]:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    """The registry's order; a variant with the other estimator right after its method."""
+    if method in METHOD_ORDER:
+        return (METHOD_ORDER.index(method), "")
+    base = estimator_base(method)
+    return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
 def split_sort_key(split: str) -> Tuple[int, str]:
