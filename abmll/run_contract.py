@@ -152,27 +152,29 @@ def method(name: str) -> Method:
 ESTIMATOR_WORDS = {"local": "local reparam.", "weight": "weight sample"}
 
 
+def _split_estimator(name: str) -> Tuple[str, Optional[str]]:
+    """``"ABMLL-FO-L"`` -> ``("ABMLL-FO", "local")``: the registry method a row varies by its
+    training estimator, and that estimator; any other name -> ``(name, None)``."""
+    if name not in _BY_NAME:
+        for sampling, suffix in ESTIMATOR_SUFFIX.items():
+            if name.endswith(suffix) and name[: -len(suffix)] in _BY_NAME:
+                return name[: -len(suffix)], sampling
+    return name, None
+
+
 def estimator_base(name: str) -> str:
     """The registry method a row varies by its estimator (``"ABMLL-FO-L"`` -> ``"ABMLL-FO"``);
     any other name as it is."""
-    if name in _BY_NAME:
-        return name
-    for suffix in ESTIMATOR_SUFFIX.values():
-        if name.endswith(suffix) and name[: -len(suffix)] in _BY_NAME:
-            return name[: -len(suffix)]
-    return name
+    return _split_estimator(name)[0]
 
 
 def method_label(name: str) -> str:
     """The row's label; a variant's run with the other estimator (``"ABMLL-FO-L"``) is its
     method's label with the estimator's words, ``"ABMLL (first-order) (local reparam.)"``."""
-    if name in METHOD_LABELS:
-        return METHOD_LABELS[name]
-    base = estimator_base(name)
-    if base != name:
-        sampling = next(k for k, v in ESTIMATOR_SUFFIX.items() if name.endswith(v))
+    base, sampling = _split_estimator(name)
+    if sampling is not None:
         return f"{METHOD_LABELS[base]} ({ESTIMATOR_WORDS[sampling]})"
-    return name
+    return METHOD_LABELS.get(name, name)
 
 
 def estimator_method(method_name: str, sampling: Optional[str]) -> str:
