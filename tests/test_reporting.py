@@ -519,8 +519,10 @@ def test_comparison_has_ts_rows_new_columns_and_uncertainty_figures(tmp_path):
     assert "ECE (15 bins, fraction)" in md and "AURC" in md and "MI (nats)" in md
     ts_row = [line for line in md.splitlines() if line.startswith("| ABMLL + TS")][0]
     assert "| 0.050 ± 0.000 |" in ts_row  # the ECE of test_ts, not of test
+    assert "| 90.0 / 85.0 / 80.0 |" in ts_row  # acc_at_50 / 80 / 90, in that order
     csv_rows = (tmp_path / "tables" / "comparison_nli.csv").read_text().splitlines()
     assert csv_rows[0].count("aurc_mean") == 1 and any(r.startswith("ABMLL+TS,") for r in csv_rows)
+    assert all(f"acc_at_{c}_se" in csv_rows[0] for c in (50, 80, 90))  # the SEs the markdown leaves out
     rel = (tmp_path / "tables" / "reliability_nli.csv").read_text().splitlines()
     assert rel[0] == "method,bin,lower,upper,count,confidence,accuracy"
     assert sum(int(r.split(",")[4]) for r in rel[1:] if r.startswith("ABMLL,")) == 40  # 2 seeds x 20
