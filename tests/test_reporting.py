@@ -511,9 +511,18 @@ def test_comparison_has_ts_rows_new_columns_and_uncertainty_figures(tmp_path):
             probs = torch.softmax(torch.randn(20, 3, generator=g), -1)
             rows = [{"task": "t", "example": i, "line": i + 1, "label": i % 3, "num_options": 3,
                      "probs": probs[i].tolist()} for i in range(20)]
-            _with_uncertainty(out, seed, ts_ece=0.05, curve=method == "ABMLL", probs_rows=rows)
+            ts_ece = 0.05 + 0.02 * seed if method == "Pretrained" else 0.05
+            _with_uncertainty(out, seed, ts_ece=ts_ece, curve=method == "ABMLL", probs_rows=rows)
     aggregate([root], tmp_path / "tables", latex=False)
     md = (tmp_path / "tables" / "comparison_nli.md").read_text()
+    # Every row's ECE against Pretrained + TS's (0.05, 0.07), paired over seeds: scipy's ttest_rel.
+    from scipy.stats import ttest_rel
+
+    against = md.split("Against a temperature")[1]
+    reptile = next(l for l in against.splitlines() if l.startswith("| Reptile |")).split("|")
+    assert reptile[2].strip() == "+0.040"  # 0.1 against the mean of 0.05 and 0.07
+    assert reptile[4].strip().startswith(f"{ttest_rel([0.1, 0.1], [0.05, 0.07]).pvalue:.3f}")
+    assert "| Pretrained + TS |" not in against  # the reference is not compared with itself
     assert "| Pretrained + TS | 2 |" in md and "| ABMLL + TS | 2 |" in md
     assert "Reptile + TS" not in md  # the control is for Pretrained, Regular LoRA and ABMLL (and their variants)
     assert "ECE (15 bins, fraction)" in md and "AURC" in md and "MI (nats)" in md

@@ -123,14 +123,15 @@ def _p(a: Sequence[float], b: Sequence[float]) -> str:
     return "n/a" if t is None else f"{t.p_value:.3f}"
 
 
-def paired_p(a_runs: Sequence[RunResult], b_runs: Sequence[RunResult], metric: str) -> Tuple[Optional[float], int]:
+def paired_p(a_runs: Sequence[RunResult], b_runs: Sequence[RunResult], metric: str,
+             a_source: str = "test", b_source: str = "test") -> Tuple[Optional[float], int]:
     """Two-sided paired t-test over the seeds both methods ran, and how many there are.
 
     Within a seed every method is tested on the same examples (the test split is drawn from the
     seed), so the per-seed differences remove the variation that comes from which examples
     were drawn; Welch's test over seeds, which ignores the pairing, keeps it."""
-    a = {r.seed: r.test_metrics()[metric] for r in a_runs}
-    b = {r.seed: r.test_metrics()[metric] for r in b_runs}
+    a = {r.seed: r.data[a_source]["mean"][metric] for r in a_runs}
+    b = {r.seed: r.data[b_source]["mean"][metric] for r in b_runs}
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None, len(seeds)
@@ -186,7 +187,40 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
             paired = "n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")
             row += [f"{diff:+.{digits}f}", (_p(va, vb) + star), f"{paired} ({n})"]
         lines.append(f"| {method_label(a)} | {method_label(b)} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _against_temperature(by_method, alpha)) + "\n"
+
+
+#: The reference of :func:`_against_temperature`: the pretrained model with one temperature per task.
+TS_REFERENCE = "Pretrained+TS"
+
+
+def _against_temperature(by_method: Dict[str, List[RunResult]], alpha: float) -> List[str]:
+    """Every row's ECE against Pretrained + TS's: is a method's calibration more than what one
+    temperature per task, fitted on the support examples, gives the pretrained model? (Empty
+    when the runs recorded no ``test_ts`` for Pretrained.)"""
+    rows = comparison_rows(by_method)
+    ref = next((r for r in rows if r.key == TS_REFERENCE), None)
+    if ref is None:
+        return []
+    vr = _values(ref.runs, "ece", source=ref.source)
+    out = [
+        "",
+        f"Against a temperature: each row's ECE minus {ref.label}'s (negative: better calibrated "
+        f"than the pretrained model with one temperature per task); tests as above.",
+        "",
+        f"| Row | Δ ECE vs {ref.label} | Welch p | paired p (n) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row is ref:
+            continue
+        v = _values(row.runs, "ece", source=row.source)
+        t = welch_t_test(v, vr)
+        star = "*" if t is not None and t.p_value < alpha else ""
+        pp, n = paired_p(row.runs, ref.runs, "ece", row.source, ref.source)
+        paired = "n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")
+        out.append(f"| {row.label} | {summarize(v).mean - summarize(vr).mean:+.3f} | {_p(v, vr)}{star} | {paired} ({n}) |")
+    return out
 
 
 def per_task_tables(by_method: Dict[str, List[RunResult]], split: str) -> Tuple[str, str]:
