@@ -118,11 +118,6 @@ def _coverage_cell(values_of) -> str:
     return " / ".join("—" if s is None else f"{s.mean * 100:.1f}" for s in means)
 
 
-def _p(a: Sequence[float], b: Sequence[float]) -> str:
-    t = welch_t_test(a, b)
-    return "n/a" if t is None else f"{t.p_value:.3f}"
-
-
 def paired_p(a_runs: Sequence[RunResult], b_runs: Sequence[RunResult], metric: str,
              a_source: str = "test", b_source: str = "test") -> Tuple[Optional[float], int]:
     """Two-sided paired t-test over the seeds both methods ran, and how many there are.
@@ -181,13 +176,20 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
         for metric, scale, digits in (("accuracy", 100, 1), ("ece", 1, 3)):
             va, vb = _values(by_method[a], metric), _values(by_method[b], metric)
             diff = (summarize(va).mean - summarize(vb).mean) * scale
-            t = welch_t_test(va, vb)
-            star = "*" if t is not None and t.p_value < alpha else ""
-            pp, n = paired_p(by_method[a], by_method[b], metric)
-            paired = "n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")
-            row += [f"{diff:+.{digits}f}", (_p(va, vb) + star), f"{paired} ({n})"]
+            row += [f"{diff:+.{digits}f}", *_test_cells(by_method[a], by_method[b], metric, alpha)]
         lines.append(f"| {method_label(a)} | {method_label(b)} | " + " | ".join(row) + " |")
     return "\n".join(lines + _against_temperature(by_method, alpha)) + "\n"
+
+
+def _test_cells(a_runs, b_runs, metric: str, alpha: float, a_source: str = "test",
+                b_source: str = "test") -> Tuple[str, str]:
+    """The two test cells of a pair, A against B: Welch's p over seeds and the paired p with its
+    n, each starred below ``alpha``."""
+    va, vb = _values(a_runs, metric, source=a_source), _values(b_runs, metric, source=b_source)
+    t = welch_t_test(va, vb)
+    welch = "n/a" if t is None else f"{t.p_value:.3f}" + ("*" if t.p_value < alpha else "")
+    pp, n = paired_p(a_runs, b_runs, metric, a_source, b_source)
+    return welch, ("n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")) + f" ({n})"
 
 
 #: The reference of :func:`_against_temperature`: the pretrained model with one temperature per task.
@@ -215,11 +217,8 @@ def _against_temperature(by_method: Dict[str, List[RunResult]], alpha: float) ->
         if row is ref:
             continue
         v = _values(row.runs, "ece", source=row.source)
-        t = welch_t_test(v, vr)
-        star = "*" if t is not None and t.p_value < alpha else ""
-        pp, n = paired_p(row.runs, ref.runs, "ece", row.source, ref.source)
-        paired = "n/a" if pp is None else f"{pp:.3f}" + ("*" if pp < alpha else "")
-        out.append(f"| {row.label} | {summarize(v).mean - summarize(vr).mean:+.3f} | {_p(v, vr)}{star} | {paired} ({n}) |")
+        welch, paired = _test_cells(row.runs, ref.runs, "ece", alpha, row.source, ref.source)
+        out.append(f"| {row.label} | {summarize(v).mean - summarize(vr).mean:+.3f} | {welch} | {paired} |")
     return out
 
 
