@@ -522,8 +522,9 @@ class ABMLLRecipe:
         self.errors: Dict[str, str] = {}
         final_adapters = self.adapter_state()
         self.load_adapters(self.best["adapters"])
+        started = time.perf_counter()
         test = self.evaluate(self.test_sampler, "test", test=True, predictions=True)
-        self._data = self._data_record()
+        self._data = self._data_record(test_seconds=time.perf_counter() - started)
         self._log_eval("test", test, self.best["epoch"])
         self._write_predictions(test, "test")
         self._results = self._results_dict(test)
@@ -538,9 +539,10 @@ class ABMLLRecipe:
             self._optional_step("export", lambda: self._export_adapters(final_adapters))
         return self._results
 
-    def _data_record(self) -> Dict[str, Any]:
-        """results.json's ``data``: the demonstrations, and what the test's prompts cost in
-        tokens (every process's tasks: a collective, called by all)."""
+    def _data_record(self, test_seconds: float) -> Dict[str, Any]:
+        """results.json's ``data``: the demonstrations, and what the test cost: its prompts in
+        tokens (every process's tasks: a collective, called by all) and its wall-clock seconds
+        (the training's are in ``history``)."""
         lengths = {}
         for part in self.replicas.all_gather(self.test_sampler.prompt_lengths()):
             lengths.update(part)
@@ -554,6 +556,9 @@ class ABMLLRecipe:
                 "the test-time adaptation set), never an evaluated example",
             } if k else None,
             "test_prompts": summarize_prompt_lengths(lengths, k),
+            # Adaptation, prediction, the + TS fit and the flip forward, on this machine
+            # (precision.cpu_capability, precision.threads): a run's time, not a benchmark.
+            "test_seconds": test_seconds,
         }
 
     def _results_dict(self, test: Dict[str, Any]) -> Dict[str, Any]:

@@ -329,6 +329,7 @@ def test_recipe_with_demonstrations_records_the_icl_method(run_recipe, tmp_path,
     n_tasks = len(res["test"]["per_task"])
     assert prompts["evaluated_prompts"] == 4 * n_tasks and prompts["support_prompts"] == 10 * n_tasks
     assert 300 < prompts["tokens_per_evaluated_prompt"] <= 512  # ~3 zero-shot prompts of ~140 tokens
+    assert res["data"]["test_seconds"] > 0  # the test's wall-clock time, the cost table's "test (min)"
 
 
 def test_recipe_refuses_more_demonstrations_than_the_support_set(run_recipe, tmp_path):

@@ -542,3 +542,40 @@ def test_comparison_has_ts_rows_new_columns_and_uncertainty_figures(tmp_path):
     bins = reliability_bins(probs, labels, 15)
     ece = sum(b["count"] / 50 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
     assert ece == pytest.approx(expected_calibration_error(probs, labels, 15), abs=1e-12)
+
+
+def test_cost_per_run_from_the_recorded_prompts_and_times(tmp_path):
+    """The cost table and runs.csv read what the recipe records: k and tokens per test prompt
+    (``data``), training seconds (``history``) and test seconds (``data.test_seconds``)."""
+    from abmll.reporting.aggregate import aggregate
+
+    root = tmp_path / "results"
+    for seed, (train_s, test_s, tokens) in enumerate(((600.0, 1200.0, 770.0), (900.0, 1800.0, 780.0))):
+        hist = [{"epoch": 1, "train": {"seconds": train_s}}]
+        out = fake_run(root, "nli", "ABMLL", seed, 0.8, 0.1, history=hist, epochs=1, dirname="abmll_icl")
+        res = json.loads((out / "results.json").read_text())
+        res["method"] = "ABMLL-ICL"
+        res["data"] = {"num_demonstrations": 4, "test_prompts": {"tokens_per_evaluated_prompt": tokens},
+                       "test_seconds": test_s}
+        res["precision"] = {"dtype": "fp32", "cpu_capability": "AVX512", "threads": 1}
+        (out / "results.json").write_text(json.dumps(res))
+    # A run from before the times were recorded: no data block, so "—" and "[n of m]", not 0.
+    fake_run(root, "nli", "Pretrained", 0, 0.4, 0.4, history=[{"epoch": 0}], epochs=1)
+    aggregate([root], tmp_path / "tables", latex=False)
+    md = (tmp_path / "tables" / "comparison_nli.md").read_text()
+    cost = md.split("Cost per run")[1].splitlines()
+    icl = next(line for line in cost if line.startswith("| ABMLL + ICL |")).split("|")
+    assert [c.strip() for c in icl[2:7]] == ["4", "775", "12.5 (10.0-15.0)", "25.0 (20.0-30.0)", "AVX512, 1"]
+    pre = next(line for line in cost if line.startswith("| Pretrained |")).split("|")
+    assert [c.strip() for c in pre[2:6]] == ["0", "—", "0", "—"]  # nothing trained; test time not recorded
+    runs = (tmp_path / "tables" / "runs.csv").read_text().splitlines()
+    header = runs[0].split(",")
+    icl_run = next(r.split(",") for r in runs[1:] if ",ABMLL-ICL," in r and "seed1" in r)
+    got = {k: icl_run[header.index(k)] for k in ("demonstrations", "tokens_per_test_prompt", "train_seconds",
+                                                 "test_seconds", "threads")}
+    assert got == {"demonstrations": "4", "tokens_per_test_prompt": "780.0", "train_seconds": "900.0",
+                   "test_seconds": "1800.0", "threads": "1"}
+    # Runs that recorded no prompts at all: no cost table (older result trees stay as they were).
+    fake_run(tmp_path / "old", "nli", "Reptile", 0, 0.5, 0.2)
+    aggregate([tmp_path / "old"], tmp_path / "old_tables", latex=False)
+    assert "Cost per run" not in (tmp_path / "old_tables" / "comparison_nli.md").read_text()

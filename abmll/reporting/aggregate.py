@@ -65,7 +65,8 @@ def write_figure2(
 RUN_FIELDS = [
     "split", "method", "beta", "seed", "dtype", "cpu_capability", "best_epoch", "epochs",
     "test_accuracy", "test_ece", "test_nll", "test_brier",
-    "val_accuracy", "val_ece", "pruned_fractions", "path",
+    "val_accuracy", "val_ece", "pruned_fractions",
+    "demonstrations", "tokens_per_test_prompt", "train_seconds", "test_seconds", "threads", "path",
 ]
 
 
@@ -91,6 +92,13 @@ def write_runs_csv(results: ResultSet, path: Path) -> Path:
             "val_accuracy": r.val_at_best.get("accuracy", ""),
             "val_ece": r.val_at_best.get("ece", ""),
             "pruned_fractions": ";".join(f"{f:g}" for f in sorted(r.pruning) if f > 0),
+            **{key: "" if value is None else value for key, value in (
+                ("demonstrations", r.demonstrations),
+                ("tokens_per_test_prompt", r.tokens_per_test_prompt),
+                ("train_seconds", r.train_seconds),
+                ("test_seconds", r.test_seconds),
+                ("threads", r.threads),
+            )},
             "path": str(r.path),
         })
     return atomic_write_text(path, buf.getvalue(), parents=True)

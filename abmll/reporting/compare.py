@@ -7,7 +7,9 @@ For a split, from the finished runs of each method (one row per method, seeds po
   error and per-seed values of test accuracy, ECE, NLL, Brier, AURC, accuracy at 80% coverage
   and mean mutual information (the figure is drawn from it);
 - ``comparison_{split}.md`` — that table, plus every pair of methods with the difference of
-  mean accuracy and of mean ECE and the two-sided Welch t-test p-value over seeds;
+  mean accuracy and of mean ECE and the two-sided Welch t-test p-value over seeds, and what a
+  run of each row cost (in-context demonstrations, tokens per test prompt, minutes of training
+  and of the test, where the runs recorded them);
 - ``per_task_{split}.md`` / ``.csv`` — test accuracy and ECE per unseen task and method
   (mean ± SE over seeds), to see whether a gap comes from one task or from all;
 - ``acc_vs_ece_{split}.png`` — accuracy against ECE per method with ±1 SE error bars
@@ -178,7 +180,7 @@ def comparison_markdown(by_method: Dict[str, List[RunResult]], split: str, alpha
             diff = (summarize(va).mean - summarize(vb).mean) * scale
             row += [f"{diff:+.{digits}f}", *_test_cells(by_method[a], by_method[b], metric, alpha)]
         lines.append(f"| {method_label(a)} | {method_label(b)} | " + " | ".join(row) + " |")
-    return "\n".join(lines + _against_temperature(by_method, alpha)) + "\n"
+    return "\n".join(lines + _against_temperature(by_method, alpha) + _cost(by_method)) + "\n"
 
 
 def _test_cells(a_runs, b_runs, metric: str, alpha: float, a_source: str = "test",
@@ -219,6 +221,45 @@ def _against_temperature(by_method: Dict[str, List[RunResult]], alpha: float) ->
         v = _values(row.runs, "ece", source=row.source)
         welch, paired = _test_cells(row.runs, ref.runs, "ece", alpha, row.source, ref.source)
         out.append(f"| {row.label} | {summarize(v).mean - summarize(vr).mean:+.3f} | {welch} | {paired} |")
+    return out
+
+
+def _minutes(seconds: Sequence[Optional[float]]) -> str:
+    """Mean (min-max) over the runs that recorded a time, in minutes; "—" if none did."""
+    got = [x / 60 for x in seconds if x is not None]
+    if not got:
+        return "—"
+    if not any(got):
+        return "0"  # nothing trained (Pretrained)
+    cell = f"{sum(got) / len(got):.1f}" + (f" ({min(got):.1f}-{max(got):.1f})" if len(got) > 1 else "")
+    return cell + (f" [{len(got)} of {len(seconds)}]" if len(got) < len(seconds) else "")
+
+
+def _cost(by_method: Dict[str, List[RunResult]]) -> List[str]:
+    """What a run of each row cost: in-context demonstrations, tokens per test prompt, and the
+    wall-clock minutes of training and of the test (empty when no run recorded its prompts)."""
+    if not any(r.tokens_per_test_prompt is not None for runs in by_method.values() for r in runs):
+        return []
+    out = [
+        "",
+        "Cost per run: k in-context demonstrations; tokens of an evaluated test prompt (mean over "
+        "its prompts, then over runs); wall-clock minutes of training and of the test (adaptation, "
+        "prediction, + TS fit, flip forward), mean (min-max) over the runs that recorded them "
+        "([n of m] where fewer did). Times are one run's on its machine (CPU, threads), beside "
+        "whatever else ran there: a run's cost, not a benchmark.",
+        "",
+        "| Method | k | tokens per test prompt | training (min) | test (min) | CPU, threads |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for m, runs in by_method.items():
+        tokens = [r.tokens_per_test_prompt for r in runs if r.tokens_per_test_prompt is not None]
+        machines = sorted({f"{r.cpu_capability or '?'}, {r.threads or '?'}" for r in runs})
+        out.append(
+            f"| {method_label(m)} | {'/'.join(sorted({str(r.demonstrations) for r in runs}))} | "
+            f"{f'{sum(tokens) / len(tokens):.0f}' if tokens else '—'} | "
+            f"{_minutes([r.train_seconds for r in runs])} | {_minutes([r.test_seconds for r in runs])} | "
+            f"{'; '.join(machines)} |"
+        )
     return out
 
 

@@ -149,6 +149,36 @@ class RunResult:
         return str(recorded or (self.data.get("config") or {}).get("dtype", "fp32"))
 
     @property
+    def demonstrations(self) -> int:
+        """In-context demonstrations per prompt (``data.num_demonstrations``; 0: zero-shot)."""
+        block = self.data.get("data") or {}
+        if "num_demonstrations" in block:
+            return int(block["num_demonstrations"])
+        return int(((self.data.get("config") or {}).get("data") or {}).get("num_demonstrations", 0) or 0)
+
+    @property
+    def tokens_per_test_prompt(self) -> Optional[float]:
+        """Mean tokens of an evaluated test prompt; None where the run did not record it."""
+        return ((self.data.get("data") or {}).get("test_prompts") or {}).get("tokens_per_evaluated_prompt")
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        """Wall-clock training time over the epochs run (``history``); 0 for a run with no
+        training epochs (Pretrained), None where an epoch did not record it."""
+        epochs = [h for h in self.history if "train" in h]
+        seconds = [h["train"].get("seconds") for h in epochs]
+        return None if any(s is None for s in seconds) else float(sum(seconds))
+
+    @property
+    def test_seconds(self) -> Optional[float]:
+        """Wall-clock time of the test evaluation; None for runs from before it was recorded."""
+        return (self.data.get("data") or {}).get("test_seconds")
+
+    @property
+    def threads(self) -> Optional[int]:
+        return (self.data.get("precision") or {}).get("threads")
+
+    @property
     def cpu_capability(self) -> str:
         """torch's CPU capability on the run's machine (``AVX2``, ``AVX512``); "" if not recorded."""
         return str((self.data.get("precision") or {}).get("cpu_capability") or "")
