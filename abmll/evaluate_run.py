@@ -4,7 +4,9 @@ evaluation settings, without training it again.
 The run's own config (``results.json``'s ``config``) is rebuilt with the overrides, which may
 change only how the test is done (:data:`EVAL_KEYS`): every ``eval.*`` key, the test data
 (``split``, ``data.split_file``, ``data.data_dir``, ``data.max_eval_examples_per_task``,
-``data.eval_batch_size``) and the ``device``. A training key is refused in one line naming it.
+``data.eval_batch_size``), the ``device`` and the compute ``dtype`` (the adapters are float32
+either way, so a bf16 run can be tested in fp32 to tell its numbers from bf16's rounding). A
+training key is refused in one line naming it.
 
 The recipe then sets up as it did for the run (same seed, model and base weights), loads the
 run's last checkpoint (adapters, best epoch, history and the RNG state the run's test started
@@ -33,6 +35,7 @@ EVAL_KEYS = (
     "data.max_eval_examples_per_task",
     "data.eval_batch_size",
     "device",
+    "dtype",
 )
 
 
@@ -55,7 +58,8 @@ def check_eval_overrides(overrides: Sequence[str]) -> None:
 
 def read_finished_run(run, overrides: Sequence[str] = ()):
     """(the run's results record, its config with ``overrides``) of a finished run; ``dtype:
-    auto`` becomes the dtype the run used, so that a test repeats the same computation."""
+    auto`` (unless overridden) becomes the dtype the run used, so that a test repeats the same
+    computation."""
     from omegaconf import OmegaConf
 
     from abmll.config_registry import fill_builder_default

@@ -47,6 +47,11 @@ def test_changed_eval_keys_and_final_adapters(run_recipe, tmp_path):
         evaluate_run(run, tmp_path / "typo", ["eval.num_sample=3"])
     final = evaluate_run(run, tmp_path / "final", adapters="final")
     assert final["best_epoch"] == 2 and final["evaluated_from"]["adapters"] == "final"
+    # The compute dtype is a test setting: the same float32 adapters, tested in bf16.
+    original = json.loads((run / "results.json").read_text())
+    bf16 = evaluate_run(run, tmp_path / "bf16", ["dtype=bf16", "data.max_eval_examples_per_task=4"])
+    assert original["precision"]["dtype"] == "fp32" and bf16["precision"]["dtype"] == "bf16"
+    assert bf16["precision"]["requested"] == "bf16" and bf16["best_epoch"] == original["best_epoch"]
 
 
 @pytest.mark.parametrize("key", ["learner.beta=1", "epochs=3", "model.c=-4", "data.batch_size=4", "seed=1"])
