@@ -72,6 +72,37 @@ def test_option_probs_are_the_full_logits_at_the_position_before_the_answer(batc
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.size(0)))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@torch.no_grad()
+def test_option_logits_are_float32_from_a_bf16_model(batch, tied):
+    """In bf16 the options' logits come from the bf16 hidden state and the options' rows of the
+    output weight in float32, not from a bf16 matmul whose output is rounded to bf16 (where
+    options tie and an answer moves a whole step); nn.Linear and torchtune's TiedLinear."""
+    from torchtune.modules import TiedLinear
+
+    from abmll.objectives import final_hidden_states, logits_at, option_logits_at
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if tied:  # as torchtune's llama3_2 and SmolLM2 builders: not a module, so not registered
+        del model.output
+        model.output = TiedLinear(model.tok_embeddings)
+    model = model.to(torch.bfloat16).eval()
+    weight = model.tok_embeddings.weight if tied else model.output.weight
+    with torch.no_grad():
+        weight.mul_(8)  # answer logits of the magnitude a real model's have (bf16 steps ~0.06)
+    hidden = final_hidden_states(model, batch["tokens"])
+    assert hidden.dtype == torch.bfloat16
+    rows, cols = torch.arange(hidden.size(0)), batch["answer_pos"] - 1
+    got = option_logits_at(model, hidden, rows, cols, OPTION_IDS)
+    expected = hidden[rows, cols].double() @ weight[OPTION_IDS].double().t()  # written out in float64
+    assert got.dtype == torch.float32 and got.shape == (len(rows), len(OPTION_IDS))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+    # What it replaces: the bf16 output projection's logits, rounded to bf16, are off by far more.
+    rounded = logits_at(model, hidden, rows, cols)[:, OPTION_IDS].double()
+    assert (rounded - expected).abs().max() > 1e-3
+
+
 @torch.no_grad()
 def test_num_samples_averages_single_sample_predictions_on_the_same_rng_stream(batch):
     model = _model()

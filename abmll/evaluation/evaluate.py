@@ -21,10 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from abmll.distributed import LOCAL, Replicas, seed_of, seeded
-from abmll.evaluation.metrics import classification_metrics, option_probs
+from abmll.evaluation.metrics import classification_metrics, masked_option_softmax
 from abmll.evaluation.uncertainty import apply_temperature, decompose, fit_temperature
 from abmll.modules import gaussian_mode
-from abmll.objectives import final_hidden_states, logits_at
+from abmll.objectives import final_hidden_states, option_logits_at
 from abmll.run_contract import TEST_METRICS
 
 Batch = Dict[str, torch.Tensor]
@@ -50,8 +50,9 @@ def sample_option_probs(
     before_answer = batch["answer_pos"].to(device) - 1
     out = []
     for _ in range(num_samples):
-        answer_logits = logits_at(model, final_hidden_states(model, tokens), rows, before_answer)
-        out.append(option_probs(answer_logits, option_ids, batch["num_options"]).cpu())
+        # The options' logits in float32 even in bf16 (objectives.option_logits_at: bf16 logits tie).
+        logits = option_logits_at(model, final_hidden_states(model, tokens), rows, before_answer, option_ids)
+        out.append(masked_option_softmax(logits, batch["num_options"]).cpu())
     return torch.stack(out)
 
 

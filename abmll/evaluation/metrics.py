@@ -76,7 +76,14 @@ def option_probs(
     ``option_ids`` [C] the token ids of the letters A, B, ..., ``num_options`` [B] how many
     options each example has; letters beyond that get probability 0. Float32.
     """
-    logits = answer_logits.float().index_select(-1, option_ids.to(answer_logits.device))
-    letters = torch.arange(option_ids.numel(), device=logits.device)
+    return masked_option_softmax(answer_logits.float().index_select(-1, option_ids.to(answer_logits.device)),
+                                 num_options)
+
+
+def masked_option_softmax(option_logits: torch.Tensor, num_options: torch.Tensor) -> torch.Tensor:
+    """Softmax over each example's options, [B, C] logits of the letters A, B, ...; letters
+    beyond ``num_options`` [B] get probability 0. Float32."""
+    logits = option_logits.float()
+    letters = torch.arange(logits.size(-1), device=logits.device)
     mask = letters.unsqueeze(0) >= num_options.to(logits.device).unsqueeze(1)
     return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
