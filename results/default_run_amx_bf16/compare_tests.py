@@ -11,7 +11,8 @@ import pandas as pd
 
 def top_ties(probs, num_options) -> int:
     """Examples whose two largest option probabilities are exactly equal."""
-    return sum(int(np.sort(np.asarray(p)[:n])[-1] == np.sort(np.asarray(p)[:n])[-2]) for p, n in zip(probs, num_options))
+    tops = (np.sort(np.asarray(p)[:n])[-2:] for p, n in zip(probs, num_options))
+    return sum(int(second == first) for second, first in tops)
 
 
 folders = sys.argv[1:]
